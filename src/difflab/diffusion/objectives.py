@@ -1,0 +1,113 @@
+"""Training objective: which timesteps are drawn, how the loss is weighted over noise levels, the loss.
+
+The three concerns are separate small classes, each a Hydra node, combined by ``DiffusionLoss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difflab.diffusion.parameterization import (
+    EpsilonPrediction,
+    Prediction,
+    SamplePrediction,
+    VPrediction,
+    get_prediction,
+)
+from difflab.diffusion.schedules import NoiseSchedule
+
+
+class UniformTimesteps:
+    """t ~ Uniform{0, ..., T-1}, as in DDPM's Algorithm 1 (Ho et al. 2020)."""
+
+    def __call__(self, batch_size: int, num_timesteps: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> Tensor:
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=gen_device).to(device)
+
+
+class LossWeighting:
+    """Per-sample weight of the squared error in the network's own output space, from SNR(t)."""
+
+    def __call__(self, snr: Tensor, prediction: Prediction) -> Tensor:
+        raise NotImplementedError
+
+
+class UniformWeighting(LossWeighting):
+    """Weight 1: the plain MSE on the prediction target (DDPM's 'simple' loss for eps)."""
+
+    def __call__(self, snr: Tensor, prediction: Prediction) -> Tensor:
+        return torch.ones_like(snr)
+
+
+class MinSNRWeighting(LossWeighting):
+    """Min-SNR-gamma weighting (Hang et al. 2023, Eq. 8-9).
+
+    The paper weights the x0-space error by min(SNR, gamma). Since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
+    and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, the same weight in each output space is
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v.
+    """
+
+    def __init__(self, gamma: float = 5.0):  # gamma: clamp on SNR; the paper's default is 5
+        self.gamma = gamma
+
+    def __call__(self, snr: Tensor, prediction: Prediction) -> Tensor:
+        clamped = snr.clamp(max=self.gamma)
+        if isinstance(prediction, EpsilonPrediction):
+            # min(SNR, gamma)/SNR written as min(1, gamma/SNR) so that SNR = 0 gives 1, not 0/0
+            return (self.gamma / snr).clamp(max=1.0)
+        if isinstance(prediction, SamplePrediction):
+            return clamped
+        if isinstance(prediction, VPrediction):
+            return clamped / (snr + 1)
+        raise TypeError(f"MinSNRWeighting has no form for {prediction!r}")
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar: mean of per_sample
+    per_sample: Tensor  # (B,) weighted loss of each sample, for per-timestep logging
+    t: Tensor  # (B,) the timesteps drawn
+
+
+class DiffusionLoss:
+    """Denoising loss E_{t, eps} w(t) ||f(x_t, t) - target||^2 (Ho et al. 2020, Algorithm 1, generalised)."""
+
+    def __init__(
+        self,
+        prediction: str | Prediction = "epsilon",  # what the network outputs: epsilon | sample | v_prediction
+        weighting: LossWeighting | None = None,  # loss weight over noise levels; default uniform
+        timestep_sampler: Callable[..., Tensor] | None = None,  # how t is drawn; default uniform
+    ):
+        self.prediction = get_prediction(prediction)
+        self.weighting = weighting if weighting is not None else UniformWeighting()
+        self.timestep_sampler = timestep_sampler if timestep_sampler is not None else UniformTimesteps()
+
+    def __call__(
+        self,
+        model_fn: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        schedule: NoiseSchedule,
+        *,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """x0: (B, ...) clean data. Draws t and eps unless given; returns the weighted loss."""
+        if t is None:
+            t = self.timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                                device=generator.device if generator is not None else x0.device).to(x0.device)
+        alpha, sigma = schedule.alpha_sigma(t, x0)
+        x_t = (alpha * x0 + sigma * noise).to(x0.dtype)
+        target = self.prediction.target(x0, noise, alpha.to(x0.dtype), sigma.to(x0.dtype))
+        output = model_fn(x_t, t)
+        squared_error = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        weight = self.weighting(schedule.snr_at(t), self.prediction).float()
+        per_sample = weight * squared_error
+        return LossOutput(loss=per_sample.mean(), per_sample=per_sample, t=t)

@@ -1,0 +1,118 @@
+"""What the network predicts (eps, x0 or v) and the exact conversions between them.
+
+Every function takes the VP coefficients alpha = sqrt(abar_t) and sigma = sqrt(1 - abar_t), so that
+x_t = alpha x0 + sigma eps. ``Prediction`` objects adapt a network's output to the (x0, eps) pair that
+samplers and losses work with, so one sampler serves every parameterisation (STYLE.md §3).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (x_t - alpha * x0) / sigma
+
+
+def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)."""
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha * x_t - sigma * v  # uses alpha^2 + sigma^2 = 1
+
+
+def eps_from_v(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return sigma * x_t + alpha * v
+
+
+def posterior_coefficients(abar_t, abar_prev):
+    """Coefficients of q(x_prev | x_t, x0) = N(c_x0 x0 + c_xt x_t, var) for abar_prev > abar_t.
+
+    The step may skip timesteps: beta = 1 - abar_t / abar_prev is the effective beta between the two
+    levels (Ho et al. 2020 Eqs. 6-7 with t-1 replaced by prev). Works on floats or tensors.
+    """
+    beta = 1 - abar_t / abar_prev
+    coef_x0 = abar_prev**0.5 * beta / (1 - abar_t)
+    coef_xt = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
+    variance = (1 - abar_prev) / (1 - abar_t) * beta
+    return coef_x0, coef_xt, variance
+
+
+class Prediction:
+    """A network parameterisation: its training target and its conversion to (x0, eps)."""
+
+    name: str
+
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, alpha, sigma) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def to_x0(self, output: Tensor, x_t: Tensor, alpha, sigma) -> Tensor:
+        return self.to_x0_eps(output, x_t, alpha, sigma)[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class EpsilonPrediction(Prediction):
+    """The network predicts the noise eps (Ho et al. 2020)."""
+
+    name = "epsilon"
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return x0_from_eps(x_t, output, alpha, sigma), output
+
+
+class SamplePrediction(Prediction):
+    """The network predicts the clean sample x0."""
+
+    name = "sample"
+
+    def target(self, x0, eps, alpha, sigma):
+        return x0
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return output, eps_from_x0(x_t, output, alpha, sigma)
+
+
+class VPrediction(Prediction):
+    """The network predicts the velocity v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+
+    name = "v_prediction"
+
+    def target(self, x0, eps, alpha, sigma):
+        return v_from_x0_eps(x0, eps, alpha, sigma)
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        return x0_from_v(x_t, output, alpha, sigma), eps_from_v(x_t, output, alpha, sigma)
+
+
+PREDICTIONS: dict[str, type[Prediction]] = {
+    cls.name: cls for cls in (EpsilonPrediction, SamplePrediction, VPrediction)
+}
+
+
+def get_prediction(prediction: str | Prediction) -> Prediction:
+    """A ``Prediction`` from its name (``epsilon``, ``sample``, ``v_prediction``) or itself."""
+    if isinstance(prediction, Prediction):
+        return prediction
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction_type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+    return PREDICTIONS[prediction]()

@@ -1,0 +1,60 @@
+"""Every option of every diffusion config group instantiates, and builds what the Python API builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from difflab.diffusion import (
+    LossWeighting,
+    NoiseSchedule,
+    Prediction,
+    Sampler,
+    get_prediction,
+    get_sampler,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group):
+    files = sorted((CONF / group).glob("*.yaml"))
+    assert files, f"no options in conf/{group}"
+    return [pytest.param(f, id=f.stem) for f in files]
+
+
+@pytest.mark.parametrize("path", options("schedule"))
+def test_schedule_options(path):
+    schedule = instantiate(OmegaConf.load(path))
+    assert isinstance(schedule, NoiseSchedule) and schedule.name == path.stem
+    torch.testing.assert_close(schedule.betas, NoiseSchedule.from_name(path.stem).betas, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", options("sampler"))
+def test_sampler_options(path):
+    schedule = NoiseSchedule.linear()
+    cfg = OmegaConf.load(path)
+    sampler = instantiate(cfg)(schedule)
+    reference = get_sampler(path.stem, schedule)  # the Python API's defaults
+    assert isinstance(sampler, Sampler) and type(sampler) is type(reference)
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+    for key, value in OmegaConf.to_container(cfg).items():
+        if not key.startswith("_"):
+            assert getattr(sampler, key) == getattr(reference, key) == value, key
+
+
+@pytest.mark.parametrize("path", options("prediction"))
+def test_prediction_options(path):
+    prediction = instantiate(OmegaConf.load(path))
+    assert isinstance(prediction, Prediction) and prediction == get_prediction(path.stem)
+
+
+@pytest.mark.parametrize("path", options("loss_weighting"))
+def test_loss_weighting_options(path):
+    weighting = instantiate(OmegaConf.load(path))
+    assert isinstance(weighting, LossWeighting)
+    assert weighting(torch.tensor([1.0]), get_prediction("epsilon")).shape == (1,)
