@@ -1,0 +1,101 @@
+"""Training-step and sampling-forward throughput of our UNet against diffusers' UNet2DModel, same config.
+
+    python bench/bench_unet.py [--batch 64] [--iters 5] [--preset small]
+
+Config (the issue's reference): channels (32, 64, 128), 2 ResBlocks per level, attention at 16x16 on
+1x32x32 inputs, additive time injection, 8 channels per head. Prints parameters (must agree within 10 %),
+FLOPs per image (torch's FlopCounterMode), images/s and achieved GFLOPS for a training step
+(forward + backward + AdamW, fp32) and a no-grad forward, and our/diffusers ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from difflab.nn import UNet
+
+
+def ours(**overrides) -> torch.nn.Module:
+    cfg = dict(in_channels=1, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+               attention_resolutions=(2,), head_dim=8, time_injection="add", time_embedding="sinusoidal_mlp")
+    cfg.update(overrides)
+    return UNet(**cfg)
+
+
+def theirs() -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
+                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+
+
+def call(model, x, t):
+    out = model(x, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def flops_per_image(model, x, t) -> float:
+    with FlopCounterMode(display=False) as counter:
+        call(model, x, t).sum().backward()
+    model.zero_grad(set_to_none=True)
+    train = counter.get_total_flops() / x.shape[0]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call(model, x, t)
+    return train, counter.get_total_flops() / x.shape[0]
+
+
+def throughput(model, x, t, iters: int, train: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        if train:
+            loss = (call(model, x, t) - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.inference_mode():
+                call(model, x, t)
+
+    model.train(train)
+    for _ in range(2):
+        step()
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return x.shape[0] / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 1, 32, 32)
+    t = torch.randint(0, 1000, (args.batch,))
+    models = {"difflab": ours(), "diffusers": theirs()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}x1x32x32, fp32")
+    rows = {}
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        train_flops, fwd_flops = flops_per_image(model, x[:4], t[:4])
+        train_ips = throughput(model, x, t, args.iters, train=True)
+        fwd_ips = throughput(model, x, t, args.iters, train=False)
+        rows[name] = (train_ips, fwd_ips)
+        print(f"{name:<10} params {params / 1e6:6.3f}M  train {train_flops / 1e9:5.2f} GFLOP/img "
+              f"{train_ips:7.1f} img/s {train_ips * train_flops / 1e9:6.1f} GFLOPS | "
+              f"forward {fwd_flops / 1e9:5.2f} GFLOP/img {fwd_ips:7.1f} img/s {fwd_ips * fwd_flops / 1e9:6.1f} GFLOPS")
+    (ot, of), (dt, df) = rows["difflab"], rows["diffusers"]
+    print(f"ratio difflab/diffusers: train {ot / dt:.2f}x, sampling forward {of / df:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

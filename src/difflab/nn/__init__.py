@@ -1,0 +1,18 @@
+"""Plain nn.Modules (no Lightning): the UNet, its embeddings and attention blocks."""
+
+from difflab.nn.attention import Attention, SelfAttentionBlock, TransformerBlock
+from difflab.nn.embeddings import (
+    TIME_EMBEDDINGS,
+    ClassEmbedding,
+    LearnedTimeEmbedding,
+    SinusoidalMLPTimeEmbedding,
+    SinusoidalTimeEmbedding,
+    sinusoidal_embedding,
+)
+from difflab.nn.unet import TIME_INJECTIONS, ResBlock, UNet
+
+__all__ = [
+    "TIME_EMBEDDINGS", "TIME_INJECTIONS", "Attention", "ClassEmbedding", "LearnedTimeEmbedding", "ResBlock",
+    "SelfAttentionBlock", "SinusoidalMLPTimeEmbedding", "SinusoidalTimeEmbedding", "TransformerBlock", "UNet",
+    "sinusoidal_embedding",
+]

@@ -1,0 +1,120 @@
+"""The UNet: every time embedding x injection, t-dependence, context masking, classes, presets."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from difflab.nn import TIME_EMBEDDINGS, TIME_INJECTIONS, UNet
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
+# pinned parameter counts of the presets (base is the DDPM CIFAR-10 model, 35.7M in Ho et al. 2020)
+PRESET_PARAMETERS = {"tiny": 189_985, "small": 1_741_729, "base": 35_741_699, "ldm": 9_786_628}
+
+
+def tiny(**kwargs) -> UNet:
+    cfg = dict(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+               num_heads=2, norm_groups=8)
+    cfg.update(kwargs)
+    return UNet(**cfg)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace the zero initialisation (which makes every output 0) by random weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("time_embedding,time_injection", list(itertools.product(TIME_EMBEDDINGS, TIME_INJECTIONS)))
+@pytest.mark.parametrize("size,channels", [(32, 1), (28, 1), (8, 4)])
+def test_every_combination_runs_forward_and_backward(time_embedding, time_injection, size, channels):
+    model = tiny(in_channels=channels, time_embedding=time_embedding, time_injection=time_injection)
+    x = torch.randn(2, channels, size, size)
+    out = model(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output layer: a stable start
+    out.square().add(out).sum().backward()
+    assert all(p.grad is not None for p in model.out[-1].parameters())
+    randomize(model)
+    t_a, t_b = torch.tensor([10, 10]), torch.tensor([900, 900])
+    assert not torch.allclose(model(x, t_a), model(x, t_b))  # the output depends on t
+
+
+def test_padded_context_tokens_do_not_change_the_output():
+    model = randomize(tiny(in_channels=4, context_dim=12, attention_resolutions=(1, 2)))
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 12, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    t = torch.tensor([5, 600])
+    out = model(x, t, context=context, context_mask=mask)
+    garbage = torch.where(mask[..., None], context, torch.randn(2, 6, 12, generator=g) * 100)
+    torch.testing.assert_close(model(x, t, context=garbage, context_mask=mask), out)
+    # the same as feeding only the real tokens
+    first = model(x[:1], t[:1], context=context[:1, :3])
+    torch.testing.assert_close(first, out[:1], atol=1e-5, rtol=1e-5)
+    # and the context matters
+    assert not torch.allclose(model(x, t, context=torch.randn(2, 6, 12, generator=g), context_mask=mask), out)
+
+
+def test_null_class_differs_from_real_classes():
+    model = randomize(tiny(num_classes=10))
+    x, t = torch.randn(1, 1, 16, 16).expand(11, -1, -1, -1), torch.full((11,), 300)
+    out = model(x, t, class_labels=torch.arange(11))  # 10 = the null class
+    torch.testing.assert_close(model(x[:1], t[:1]), out[10:])  # no label means the null class
+    for k in range(10):
+        assert not torch.allclose(out[k], out[10])
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_conditioning_vector_is_added_to_the_embedding():
+    model = randomize(tiny(cond_dim=5))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 1])
+    cond = torch.randn(2, 5)
+    assert not torch.allclose(model(x, t, cond=cond), model(x, t))
+
+
+def test_gradient_checkpointing_and_channels_last_are_exact():
+    reference = randomize(tiny())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    out = reference(x, t)
+    out.sum().backward()
+    for kwargs in (dict(gradient_checkpointing=True), dict(channels_last=True)):
+        model = tiny(**kwargs)
+        model.load_state_dict(reference.state_dict())
+        other = model(x, t)
+        torch.testing.assert_close(other, out, atol=1e-5, rtol=1e-5)
+        other.sum().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bad_options_list_valid_ones():
+    with pytest.raises(ValueError, match="valid: add, concat, film, adagn"):
+        tiny(time_injection="scale")
+    with pytest.raises(ValueError, match="valid: sinusoidal, learned, sinusoidal_mlp"):
+        tiny(time_embedding="fourier")
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(num_heads=3)
+
+
+@pytest.mark.parametrize("preset", list(PRESET_PARAMETERS))
+def test_presets_instantiate_with_pinned_parameter_counts(preset):
+    model = instantiate(OmegaConf.load(CONF / f"{preset}.yaml"))
+    count = sum(p.numel() for p in model.parameters())
+    print(f"network={preset}: {count:,} parameters")
+    assert count == PRESET_PARAMETERS[preset]
+    if preset == "tiny":
+        assert count < 200_000
+    size = 8 if preset == "ldm" else 32
+    x = torch.randn(1, model.in_channels, size, size)
+    kwargs = {"context": torch.randn(1, 4, model.context_dim)} if model.context_dim else {}
+    with torch.no_grad():
+        assert model(x, torch.tensor([10]), **kwargs).shape == x.shape
