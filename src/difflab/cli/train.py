@@ -1,0 +1,47 @@
+"""``python train.py [group=option ...]``: compose the config, instantiate each part, fit."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.cli import CONFIG_DIR
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """Instantiate data, model, callbacks, loggers and trainer from a composed config."""
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, _convert_="all")
+    # set after instantiation: passed through instantiate, its _target_ nodes would be built too
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return model, datamodule, trainer
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    # the EMA copy is meant to stay in eval mode while the network trains
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
+        raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
+    model, datamodule, trainer = build(cfg)
+    os.makedirs(trainer.default_root_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(trainer.default_root_dir, "config.yaml"), resolve=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""LightningDataModule over any image-caption dataset, with a seeded train/validation split."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, random_split
+
+
+class ImageCaptionDataModule(L.LightningDataModule):
+    """Splits ``dataset`` into train/val with a fixed seed and serves batches of {image, label, caption}."""
+
+    def __init__(
+        self,
+        dataset: Dataset,  # yields {"image": (C, H, W) in [-1, 1], "label": int, "caption": str}
+        image_size: int = 32,  # side of the (square) images; the model reads it for its sample shape
+        batch_size: int = 64,
+        val_fraction: float = 0.05,  # share held out for validation
+        split_seed: int = 0,  # the split is the same for every run with this seed
+        num_workers: int = 0,  # in-memory datasets are fastest with 0 on small machines
+        root: str | None = None,  # folder datasets: where the files are (`data.root=DIR`), passed on to them
+    ):
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.dataset = dataset
+        self.root = root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        n_val = max(1, round(len(dataset) * val_fraction))
+        self.train_set, self.val_set = random_split(dataset, [len(dataset) - n_val, n_val],
+                                                    generator=torch.Generator().manual_seed(split_seed))
+        if len(self.train_set) < batch_size:
+            raise ValueError(f"the training split has {len(self.train_set)} images, fewer than one batch "
+                             f"(data.batch_size={batch_size}); lower data.batch_size")
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

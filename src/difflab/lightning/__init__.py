@@ -1,0 +1,6 @@
+"""Lightning glue: the diffusion LightningModule and training callbacks."""
+
+from difflab.lightning.callbacks import SampleGrid
+from difflab.lightning.diffusion_module import DiffusionModule
+
+__all__ = ["DiffusionModule", "SampleGrid"]

@@ -1,0 +1,51 @@
+"""Callbacks: sample grids written during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of EMA samples to
+    ``<run dir>/samples/step_XXXXXX.png`` and hand it to the loggers that take images."""
+
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, dirname: str = "samples"):
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.dirname = dirname
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        self._last_step = trainer.global_step
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        samples = pl_module.generate(self.num_samples, generator=generator)  # every rank: no lone collective
+        return self._save(trainer, samples)
+
+    @rank_zero_only
+    def _save(self, trainer: L.Trainer, samples: torch.Tensor) -> Path:
+        grid = make_grid((samples.float().cpu() + 1) / 2, nrow=int(self.num_samples**0.5), padding=2, pad_value=1.0)
+        path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        save_image(grid, tmp)
+        tmp.replace(path)  # atomic: a viewer never sees a half-written grid
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("samples", grid, trainer.global_step)
+        return path
