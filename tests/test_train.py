@@ -90,7 +90,7 @@ def test_resume_restores_step_optimizer_and_ema_exactly(tmp_path):
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(state["state_dict"][name], tensor, atol=0, rtol=0, msg=name)
     # EMA differs from the raw weights after training
-    assert any(not torch.equal(p, q) for p, q in zip(module.ema.parameters(), module.network.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(module.ema.parameters(), module.network.parameters(), strict=True))
 
     resumed = run(make_cfg(tmp_path / "a", "trainer.max_steps=6", f"ckpt_path={ckpt}"))
     assert resumed.global_step == 6

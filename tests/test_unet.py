@@ -14,7 +14,7 @@ from difflab.nn import TIME_EMBEDDINGS, TIME_INJECTIONS, UNet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
 # pinned parameter counts of the presets (base is the DDPM CIFAR-10 model, 35.7M in Ho et al. 2020)
-PRESET_PARAMETERS = {"tiny": 189_985, "small": 1_741_729, "base": 35_741_699, "ldm": 9_786_628}
+PRESET_PARAMETERS = {"tiny": 189_985, "small": 1_032_785, "base": 35_741_699, "ldm": 9_786_628}
 
 
 def tiny(**kwargs) -> UNet:
