@@ -103,9 +103,9 @@ class DiffusionLoss:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                                 device=generator.device if generator is not None else x0.device).to(x0.device)
-        alpha, sigma = schedule.alpha_sigma(t, x0)
-        x_t = (alpha * x0 + sigma * noise).to(x0.dtype)
-        target = self.prediction.target(x0, noise, alpha.to(x0.dtype), sigma.to(x0.dtype))
+        x_t = schedule.add_noise(x0, noise, t)
+        alpha, sigma = (c.to(x0.dtype) for c in schedule.alpha_sigma(t, x0))
+        target = self.prediction.target(x0, noise, alpha, sigma)
         output = model_fn(x_t, t)
         squared_error = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         weight = self.weighting(schedule.snr_at(t), self.prediction).float()

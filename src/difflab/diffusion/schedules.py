@@ -150,9 +150,12 @@ class NoiseSchedule:
     # ---- forward process and conversions --------------------------------------------------------
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4)."""
-        alpha, sigma = self.alpha_sigma(t, x0)
-        return (alpha * x0 + sigma * noise).to(x0.dtype)
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, Eq. 4).
+
+        The coefficients come from the float64 table; the product is formed in x0's dtype, so the training
+        step never moves a batch to float64."""
+        alpha, sigma = (c.to(x0.dtype) for c in self.alpha_sigma(t, x0))
+        return alpha * x0 + sigma * noise
 
     def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, Sec. 4)."""
