@@ -80,11 +80,21 @@ def test_two_step_training(tmp_path, schedule, sampler, prediction):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
-def test_resume_restores_step_optimizer_and_ema_exactly(tmp_path):
-    first = run(make_cfg(tmp_path / "a", "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=4"))
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from the CSV logger's metrics.csv."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+
+
+def test_resume_restores_step_optimizer_and_ema_exactly_and_the_loss_continues(tmp_path):
+    quiet = ["callbacks.sample_grid.every_n_steps=1000", "trainer.val_check_interval=30", "optim.lr=3e-3",
+             "lr_scheduler=constant"]
+    first = run(make_cfg(tmp_path / "a", "trainer.max_steps=30", "callbacks.checkpoint.every_n_train_steps=30", *quiet))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 4 and int(state["state_dict"]["ema_updates"]) == 4
+    assert state["global_step"] == 30 and int(state["state_dict"]["ema_updates"]) == 30
     assert "difflab_config" in state
     module = first.lightning_module
     for name, tensor in module.state_dict().items():
@@ -92,15 +102,43 @@ def test_resume_restores_step_optimizer_and_ema_exactly(tmp_path):
     # EMA differs from the raw weights after training
     assert any(not torch.equal(p, q) for p, q in zip(module.ema.parameters(), module.network.parameters(), strict=True))
 
-    resumed = run(make_cfg(tmp_path / "a", "trainer.max_steps=6", f"ckpt_path={ckpt}"))
-    assert resumed.global_step == 6
-    assert int(resumed.lightning_module.ema_updates) == 6
-    # the optimizer state continued: AdamW's step count is 6, not 2
+    # Restoring alone (max_steps already reached): weights, EMA and optimizer state equal the checkpoint's bit for bit.
+    restored = run(make_cfg(tmp_path / "b", "trainer.max_steps=30", f"ckpt_path={ckpt}", *quiet))
+    assert restored.global_step == 30
+    for name, tensor in restored.lightning_module.state_dict().items():
+        torch.testing.assert_close(tensor, state["state_dict"][name], atol=0, rtol=0, msg=name)
+    saved_opt = state["optimizer_states"][0]["state"]
+    for key, param_state in restored.optimizers[0].state_dict()["state"].items():
+        for field, value in param_state.items():
+            torch.testing.assert_close(value, saved_opt[key][field], atol=0, rtol=0, msg=f"{key}.{field}")
+
+    # Continuing: the step count, EMA count and AdamW's step go on, and the loss picks up where it was.
+    resumed = run(make_cfg(tmp_path / "c", "trainer.max_steps=40", f"ckpt_path={ckpt}", *quiet))
+    assert resumed.global_step == 40
+    assert int(resumed.lightning_module.ema_updates) == 40
     opt_state = resumed.optimizers[0].state_dict()["state"]
-    assert int(next(iter(opt_state.values()))["step"]) == 6
+    assert int(next(iter(opt_state.values()))["step"]) == 40
+    before, after = train_losses(tmp_path / "a"), train_losses(tmp_path / "c")
+    assert min(after) >= 30  # the resumed run logs steps 30.., not 0..
+    start = sum(before[s] for s in range(5)) / 5
+    end = sum(before[s] for s in range(20, 30)) / 10
+    resumed_mean = sum(after.values()) / len(after)
+    assert end < 0.8 * start, (start, end)  # meaningful only if training lowered the loss
+    # a reset would start again near `start`; continuing stays near `end`
+    assert resumed_mean < (start + end) / 2, (start, end, resumed_mean)
 
 
 def test_resume_from_a_missing_checkpoint_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "last.ckpt"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         run(make_cfg(tmp_path, f"ckpt_path={missing}"))
+
+
+def test_compiled_training_keeps_the_plain_network_in_checkpoints(tmp_path):
+    trainer = run(make_cfg(tmp_path, "model.compile={backend: eager}"))  # dynamo path without inductor's C++ build
+    module = trainer.lightning_module
+    assert isinstance(module.train_network, torch._dynamo.eval_frame.OptimizedModule)
+    assert module.train_network._orig_mod is module.network
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(state["state_dict"]) == set(module.state_dict()) and not any("_orig_mod" in k for k in state["state_dict"])
+    assert int(state["state_dict"]["ema_updates"]) == 2

@@ -118,3 +118,46 @@ def test_presets_instantiate_with_pinned_parameter_counts(preset):
     kwargs = {"context": torch.randn(1, 4, model.context_dim)} if model.context_dim else {}
     with torch.no_grad():
         assert model(x, torch.tensor([10]), **kwargs).shape == x.shape
+
+
+@pytest.mark.parametrize("channels,heads,size", [(64, 8, 16), (32, 1, 8), (24, 3, 5)])
+def test_channels_first_attention_matches_sdpa(channels, heads, size):
+    """The CPU attention path (ChannelsFirstAttention) computes the same function and gradients as SDPA."""
+    from difflab.nn import SelfAttentionBlock
+
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(channels, heads, groups=8).double()
+    torch.nn.init.normal_(block.proj.weight, std=0.1)  # the zero-initialised projection would hide the attention
+    x = torch.randn(3, channels, size, size, dtype=torch.float64, requires_grad=True)
+    results = []
+    for implementation in ("sdpa", "channels_first"):
+        block.implementation = implementation
+        out = block(x)
+        grads = torch.autograd.grad((out * torch.cos(out)).sum(), [x, *block.parameters()])
+        results.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-9, atol=1e-10)
+
+
+def test_channels_first_attention_chunks_agree_with_one_chunk(monkeypatch):
+    """Heads processed in chunks (the cache-sized loop) give what one chunk of all heads gives."""
+    from difflab.nn import attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(10, 3 * 4, 36, dtype=torch.float64, requires_grad=True)
+    results = []
+    for chunk in (3, 10):
+        monkeypatch.setattr(attention, "_chunk_size", lambda queries, keys, chunk=chunk: chunk)
+        out = attention.ChannelsFirstAttention.apply(qkv, 0.5)
+        results.append((out, torch.autograd.grad(out.square().sum(), qkv)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def test_unknown_attention_implementation_lists_valid_ones():
+    from difflab.nn import SelfAttentionBlock
+
+    with pytest.raises(ValueError, match="'auto', 'sdpa', 'channels_first'"):
+        SelfAttentionBlock(8, 1, groups=8, implementation="flash")

@@ -36,6 +36,7 @@ class DiffusionModule(L.LightningModule):
         image_shape: Sequence[int] = (1, 32, 32),  # (C, H, W) of generated samples
         loss_buckets: int = 10,  # train/loss_t<k> is logged for this many equal ranges of t
         run_config: dict | None = None,  # the composed run config, stored in checkpoints for sample.py
+        compile: bool | dict = False,  # torch.compile the training forward; a dict is passed as its kwargs
     ):
         super().__init__()
         self.network = network
@@ -51,14 +52,26 @@ class DiffusionModule(L.LightningModule):
         self.image_shape = tuple(image_shape)
         self.loss_buckets = loss_buckets
         self.run_config = run_config
+        self.compile = compile
 
     # ---- training -------------------------------------------------------------------------------
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.network(x_t, t)
 
+    @property
+    def train_network(self) -> nn.Module:
+        """The network the training step calls: ``torch.compile(network)`` when ``compile`` is set. The compiled
+        wrapper is kept out of the module tree, so checkpoints, EMA and DDP see the plain network."""
+        if not self.compile:
+            return self.network
+        if "_compiled_network" not in self.__dict__:
+            kwargs = {} if self.compile is True else dict(self.compile)
+            self.__dict__["_compiled_network"] = torch.compile(self.network, **kwargs)
+        return self.__dict__["_compiled_network"]
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.loss(self.network, batch["image"], self.schedule)
+        out = self.loss(self.train_network, batch["image"], self.schedule)
         self.log("train/loss", out.loss, prog_bar=True)
         bucket = (out.t * self.loss_buckets // self.schedule.num_timesteps).detach()
         losses = out.per_sample.detach()

@@ -113,6 +113,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         gradient_checkpointing: bool = False,  # recompute each layer in backward to save activation memory
         channels_last: bool = False,  # NHWC memory format for parameters and input
+        attention_implementation: str = "auto",  # self-attention: auto | sdpa | channels_first (see attention.py)
     ):
         super().__init__()
         if time_embedding not in TIME_EMBEDDINGS:
@@ -136,7 +137,7 @@ class UNet(nn.Module):
             heads = heads_for(channels, num_heads, head_dim)
             if context_dim is not None:
                 return TransformerBlock(channels, heads, context_dim, norm_groups)
-            return SelfAttentionBlock(channels, heads, norm_groups)
+            return SelfAttentionBlock(channels, heads, norm_groups, attention_implementation)
 
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
