@@ -14,7 +14,7 @@ from difflab.cli import CONFIG_DIR
 from difflab.cli.train import build, run
 
 GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "model", "optim",
-          "lr_scheduler", "trainer", "logger", "callbacks"]
+          "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder"]
 
 
 def options(group: str) -> list[str]:
@@ -43,18 +43,28 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         for i in range(10):
             Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / f"{i}.png")
         overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "network.in_channels=3",
-                      "data.num_workers=0"]
+                      "data.num_workers=0", "data.num_classes=1"]
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
     if group == "trainer" and option in ("gpu", "ddp"):
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
+    if group == "text_encoder":
+        overrides.append("conditioning=text")
     cfg = make_cfg(tmp_path, *overrides)
+    if group == "text_encoder" and option == "clip":  # a hub download: check the target, build no model
+        from hydra._internal.utils import _locate
+
+        assert callable(_locate(cfg.text_encoder._target_)) and cfg.network.context_dim == cfg.text_encoder.dim
+        return
     if group == "network" and option in ("ldm", "base"):  # no matching dataset yet: instantiate the node alone
         assert instantiate(cfg.network) is not None
         return
     model, datamodule, trainer = build(cfg)
     batch = next(iter(datamodule.train_dataloader()))
     assert set(batch) == {"image", "label", "caption"}
+    if group == "model" and option == "classifier":  # the noisy classifier: logits for the batch's labels
+        assert model(batch["image"], torch.zeros(len(batch["image"]), dtype=torch.long)).shape == (16, 10)
+        return
     assert batch["image"].shape[1:] == model.image_shape
 
 
@@ -140,5 +150,16 @@ def test_compiled_training_keeps_the_plain_network_in_checkpoints(tmp_path):
     assert isinstance(module.train_network, torch._dynamo.eval_frame.OptimizedModule)
     assert module.train_network._orig_mod is module.network
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert set(state["state_dict"]) == set(module.state_dict()) and not any("_orig_mod" in k for k in state["state_dict"])
+    keys = set(state["state_dict"])
+    assert keys == set(module.state_dict()) and not any("_orig_mod" in k for k in keys)
     assert int(state["state_dict"]["ema_updates"]) == 2
+
+
+def test_progress_bar_describes_open_ended_runs_without_a_negative_epoch_count(tmp_path):
+    from difflab.lightning.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = type("T", (), {"max_epochs": -1})()
+    assert bar._get_train_description(13).strip() == "Epoch 13"
+    bar._trainer = type("T", (), {"max_epochs": 5})()
+    assert bar._get_train_description(3).strip() == "Epoch 3/4"

@@ -14,7 +14,7 @@ from difflab.nn import TIME_EMBEDDINGS, TIME_INJECTIONS, UNet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
 # pinned parameter counts of the presets (base is the DDPM CIFAR-10 model, 35.7M in Ho et al. 2020)
-PRESET_PARAMETERS = {"tiny": 189_985, "small": 1_032_785, "base": 35_741_699, "ldm": 9_786_628}
+PRESET_PARAMETERS = {"tiny": 189_985, "small": 716_161, "base": 35_741_699, "ldm": 9_786_628}
 
 
 def tiny(**kwargs) -> UNet:
@@ -137,7 +137,7 @@ def test_channels_first_attention_matches_sdpa(channels, heads, size):
         results.append((out, grads))
     (out_a, grads_a), (out_b, grads_b) = results
     torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-10)
-    for grad_a, grad_b in zip(grads_a, grads_b):
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-9, atol=1e-10)
 
 
@@ -161,3 +161,16 @@ def test_unknown_attention_implementation_lists_valid_ones():
 
     with pytest.raises(ValueError, match="'auto', 'sdpa', 'channels_first'"):
         SelfAttentionBlock(8, 1, groups=8, implementation="flash")
+
+
+def test_encoder_only_unet_is_a_time_conditioned_classifier():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, out_channels=10, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(2,), num_heads=2, norm_groups=8, decoder=False)
+    assert len(net.up) == 0
+    for p in net.parameters():  # the zero-initialised residual branches would hide the time dependence
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 1, 32, 32)
+    logits = net(x, torch.tensor([0, 500, 999]))
+    assert logits.shape == (3, 10)
+    assert not torch.allclose(net(x, torch.tensor([999, 500, 0])), logits)  # depends on t

@@ -1,9 +1,17 @@
-"""``python sample.py ckpt=PATH n=64 sampler=ddim steps=50 seed=0 out=DIR``: samples from a checkpoint."""
+"""``python sample.py ckpt=PATH n=64 sampler=ddim steps=50 seed=0 out=DIR``: samples from a checkpoint.
+
+Conditional models: ``prompt="a handwritten 7"`` (or a list, or ``prompts_file=PATH`` with one prompt per line)
+or ``label=7`` (or a list), with ``guidance_scale=`` and ``guidance_rescale=``; n samples per prompt / label,
+the same initial noise for each, one PNG per sample named by prompt (or label) and seed, and a grid with one
+row per prompt.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -13,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from difflab.cli import CONFIG_DIR
+from difflab.conditioning import NoConditioning
+from difflab.diffusion.guidance import ClassifierGuidance
 from difflab.lightning import DiffusionModule
 
 
@@ -39,6 +49,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """[(file-name stem, from_request kwargs)] for each prompt / label asked for; [("", {})] for none."""
+    prompts = cfg.get("prompt")
+    if cfg.get("prompts_file"):
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts_file not found: {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    labels = cfg.get("label")
+    if prompts is not None and labels is not None:
+        raise ValueError("give prompt= (or prompts_file=) or label=, not both")
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts must be strings, got {prompt!r}")
+        return [(slug(p), {"prompts": [p]}) for p in prompts]
+    if labels is not None:
+        labels = [labels] if isinstance(labels, int) else list(labels)
+        return [(f"label{k}", {"labels": [k]}) for k in labels]
+    return [("", {})]
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    """A file-name-safe form of a prompt: lowercase words joined by '_' ("empty" for the empty prompt)."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_len] or "empty"
+
+
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device)
@@ -46,23 +84,58 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.steps is not None:
         sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps})
     sampler = instantiate(sampler_cfg)(module.schedule)
+    asked = requests(cfg)
+    unconditional = isinstance(module.conditioner, NoConditioning)
+    if asked != [("", {})] and unconditional and not cfg.get("classifier_ckpt"):
+        raise ValueError(f"{cfg.ckpt} is an unconditional model: drop prompt= / label= (or guide it with a noisy "
+                         "classifier: classifier_ckpt=PATH label=K)")
+    guidance = module.guidance_scale if cfg.get("guidance_scale") is None else cfg.guidance_scale
+    classifier = None
+    if cfg.get("classifier_ckpt"):
+        if not any("labels" in r for _, r in asked):
+            raise ValueError("classifier guidance needs the classes to guide toward: label=K (or a list)")
+        classifier = load_module(cfg.classifier_ckpt, device)
+        if not hasattr(classifier, "network") or getattr(classifier.network, "decoder", True):
+            raise ValueError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
+                             "model=classifier)")
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parent.parent / "generated" /
                                          f"{sampler.name}_{sampler.num_steps}steps_seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    images = []
-    for start in range(0, cfg.n, cfg.batch_size):
-        batch = module.generate(min(cfg.batch_size, cfg.n - start), sampler=sampler, generator=generator,
-                                progress=cfg.progress, use_ema=cfg.use_ema)
-        images.append((batch.float().cpu() + 1) / 2)
-    images = torch.cat(images)
-    for i, image in enumerate(images):
-        save_image(image, out / f"{i:04d}_seed{cfg.seed}.png")
-    save_image(make_grid(images, nrow=math.ceil(math.sqrt(cfg.n)), padding=2, pad_value=1.0), out / "grid.png")
+    rows = []
+    for stem, request in asked:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the same noise for every prompt
+        images = []
+        for start in range(0, cfg.n, cfg.batch_size):
+            count = min(cfg.batch_size, cfg.n - start)
+            condition = None
+            if request and not unconditional:  # (an unconditional model may be guided by a classifier alone)
+                condition = module.conditioner.from_request(
+                    labels=request["labels"] * count if "labels" in request else None,
+                    prompts=request["prompts"] * count if "prompts" in request else None, device=device)
+            wrapper = None
+            if classifier is not None:
+                labels = torch.tensor(request["labels"] * count, device=device)
+                wrapper = partial(ClassifierGuidance, classifier=classifier.network, labels=labels,
+                                  scale=cfg.classifier_scale, schedule=module.schedule,
+                                  prediction=module.loss.prediction)
+            batch = module.generate(count, sampler=sampler, generator=generator, progress=cfg.progress,
+                                    use_ema=cfg.use_ema, condition=condition, guidance_scale=guidance,
+                                    guidance_rescale=cfg.guidance_rescale, model_wrapper=wrapper)
+            images.append((batch.float().cpu() + 1) / 2)
+        images = torch.cat(images)
+        for i, image in enumerate(images):
+            save_image(image, out / (f"{stem}_{i:03d}_seed{cfg.seed}.png" if stem else f"{i:04d}_seed{cfg.seed}.png"))
+        rows.append(images)
+    nrow = cfg.n if len(rows) > 1 else math.ceil(math.sqrt(cfg.n))
+    save_image(make_grid(torch.cat(rows), nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "n": cfg.n, "seed": cfg.seed, "use_ema": cfg.use_ema,
-                "sampler": OmegaConf.to_container(sampler_cfg), "device": str(device)}
+                "sampler": OmegaConf.to_container(sampler_cfg), "device": str(device),
+                "prompts": [r["prompts"][0] for _, r in asked if "prompts" in r] or None,
+                "labels": [r["labels"][0] for _, r in asked if "labels" in r] or None,
+                "guidance_scale": guidance, "guidance_rescale": cfg.guidance_rescale,
+                "classifier_ckpt": cfg.get("classifier_ckpt"), "classifier_scale": cfg.get("classifier_scale")}
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {cfg.n} samples and grid.png to {out}")
+    print(f"wrote {cfg.n * len(rows)} samples and grid.png to {out}")
     return out
 
 

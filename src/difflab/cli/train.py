@@ -28,12 +28,16 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 def run(cfg: DictConfig) -> L.Trainer:
     # the EMA copy is meant to stay in eval mode while the network trains
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # lightning 2.6 on torch 2.14 warns about its own pytree use at every fit: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     L.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
         raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
     model, datamodule, trainer = build(cfg)
     os.makedirs(trainer.default_root_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(trainer.default_root_dir, "config.yaml"), resolve=True)
+    for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
+        logger.log_hyperparams(model.run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return trainer
 

@@ -19,8 +19,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         split_seed: int = 0,  # the split is the same for every run with this seed
         num_workers: int = 0,  # in-memory datasets are fastest with 0 on small machines
         root: str | None = None,  # folder datasets: where the files are (`data.root=DIR`), passed on to them
+        num_classes: int | None = None,  # labelled datasets: how many classes (conditioning=class reads it)
     ):
         super().__init__()
+        self.num_classes = num_classes
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.dataset = dataset

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
@@ -32,8 +33,12 @@ class SampleGrid(L.Callback):
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._last_step = trainer.global_step
+        if not hasattr(pl_module, "generate"):  # e.g. the noisy classifier: nothing to draw
+            return None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        samples = pl_module.generate(self.num_samples, generator=generator)  # every rank: no lone collective
+        condition = pl_module.conditioner.examples(self.num_samples, pl_module.device)
+        # every rank samples: no collective may run on rank 0 alone
+        samples = pl_module.generate(self.num_samples, generator=generator, condition=condition)
         return self._save(trainer, samples)
 
     @rank_zero_only
@@ -45,7 +50,21 @@ class SampleGrid(L.Callback):
         save_image(grid, tmp)
         tmp.replace(path)  # atomic: a viewer never sees a half-written grid
         for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image("samples", [grid], step=trainer.global_step)
+                continue
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
                 experiment.add_image("samples", grid, trainer.global_step)
         return path
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the "Epoch 13/-2" it shows for runs bounded by steps or time
+    (``max_epochs=-1``): there the description is just "Epoch 13"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs == -1:
+            description = description.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}", 1)
+        return description

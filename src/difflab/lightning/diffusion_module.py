@@ -10,7 +10,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from difflab.conditioning import Condition, Conditioner, NoConditioning
 from difflab.diffusion import DiffusionLoss, LossWeighting, NoiseSchedule, Prediction, Sampler
+from difflab.diffusion.guidance import ClassifierFreeGuidance, Conditioned
+from difflab.lightning.optimization import optimizers_from_factories
 
 
 class DiffusionModule(L.LightningModule):
@@ -37,6 +40,8 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: int = 10,  # train/loss_t<k> is logged for this many equal ranges of t
         run_config: dict | None = None,  # the composed run config, stored in checkpoints for sample.py
         compile: bool | dict = False,  # torch.compile the training forward; a dict is passed as its kwargs
+        conditioner: Conditioner | None = None,  # class / text conditioning with condition dropout; None: none
+        guidance_scale: float = 1.0,  # classifier-free guidance for previews (sample grids, generate's default)
     ):
         super().__init__()
         self.network = network
@@ -53,6 +58,8 @@ class DiffusionModule(L.LightningModule):
         self.loss_buckets = loss_buckets
         self.run_config = run_config
         self.compile = compile
+        self.conditioner = conditioner if conditioner is not None else NoConditioning()
+        self.guidance_scale = guidance_scale
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -71,17 +78,30 @@ class DiffusionModule(L.LightningModule):
         return self.__dict__["_compiled_network"]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.loss(self.train_network, batch["image"], self.schedule)
+        condition = self.conditioner.training_condition(batch)  # null with probability drop_prob
+        out = self.loss(Conditioned(self.train_network, condition), batch["image"], self.schedule)
         self.log("train/loss", out.loss, prog_bar=True)
+        if self._logging_step():
+            self._log_loss_buckets(out)
+        return out.loss
+
+    def _logging_step(self) -> bool:
+        """Whether the loggers write this step (every ``log_every_n_steps``): the per-bucket losses and the
+        gradient norm are computed only then, as on other steps they would be computed and dropped."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
+
+    def _log_loss_buckets(self, out) -> None:
         bucket = (out.t * self.loss_buckets // self.schedule.num_timesteps).detach()
         losses = out.per_sample.detach()
         sums = torch.zeros(self.loss_buckets, device=losses.device).index_add_(0, bucket, losses)
         counts = torch.bincount(bucket, minlength=self.loss_buckets)
         for k in counts.nonzero().flatten().tolist():
             self.log(f"train/loss_t{k}", sums[k] / counts[k], batch_size=int(counts[k]))
-        return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._logging_step():
+            return
         norms = [p.grad.detach().norm() for p in self.network.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
@@ -102,32 +122,54 @@ class DiffusionModule(L.LightningModule):
         self.ema_updates += 1
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.network.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+        return optimizers_from_factories(self.network.parameters(), self.optimizer_factory,
+                                         self.lr_scheduler_factory)
 
     # ---- validation and sampling with the EMA weights --------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         # fixed t and noise per batch, so that the figure is comparable across validations
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        out = self.loss(self.ema, batch["image"], self.schedule, generator=generator)
+        out = self.loss(Conditioned(self.ema, self.conditioner(batch)), batch["image"], self.schedule,
+                        generator=generator)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return out.loss
 
+    def guided(self, condition: Condition | None, guidance_scale: float | None = None,
+               guidance_rescale: float = 0.0, use_ema: bool = True):
+        """``model(x_t, t)`` for the samplers: the (EMA) network under ``condition`` with classifier-free
+        guidance; ``condition=None`` samples unconditionally (the null condition)."""
+        network = self.ema if use_ema else self.network
+        n_null = lambda n: self.conditioner.null(n, self.device)  # noqa: E731
+        if condition is None or not condition:
+            return _NullConditioned(network, n_null)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        batch = next(iter(condition.values())).shape[0]
+        return ClassifierFreeGuidance(network, condition, n_null(batch), scale, guidance_rescale)
+
     @torch.no_grad()
     def generate(self, n: int, *, sampler: Sampler | None = None, generator: torch.Generator | None = None,
-                 progress: bool = False, use_ema: bool = True) -> Tensor:
-        """n samples (n, C, H, W) in [-1, 1] from the EMA weights with the configured (or given) sampler."""
+                 progress: bool = False, use_ema: bool = True, condition: Condition | None = None,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                 model_wrapper: Callable | None = None) -> Tensor:
+        """n samples (n, C, H, W) in [-1, 1] from the EMA weights with the configured (or given) sampler.
+
+        ``condition``: from ``conditioner.from_request(labels=..., prompts=...)`` (n entries) or ``examples(n)``;
+        None samples unconditionally. ``guidance_scale`` (default: the module's) and ``guidance_rescale``:
+        classifier-free guidance (see ``difflab.diffusion.guidance``). ``model_wrapper``: applied to the
+        ``model(x_t, t)`` the sampler calls, e.g. ``lambda m: ClassifierGuidance(m, classifier, labels, ...)``."""
         network = self.ema if use_ema else self.network
         was_training = network.training
         network.eval()
         device = self.device
+        if condition is not None and condition and next(iter(condition.values())).shape[0] != n:
+            raise ValueError(f"the condition is for {next(iter(condition.values())).shape[0]} samples, not {n}")
+        model = self.guided(condition, guidance_scale, guidance_rescale, use_ema)
+        if model_wrapper is not None:
+            model = model_wrapper(model)
         gen_device = generator.device if generator is not None else device
         x_T = torch.randn((n, *self.image_shape), generator=generator, device=gen_device).to(device)
-        samples = (sampler or self.sampler).sample(network, x_T, prediction_type=self.loss.prediction,
+        samples = (sampler or self.sampler).sample(model, x_T, prediction_type=self.loss.prediction,
                                                    generator=generator, progress=progress)
         network.train(was_training)
         return samples.clamp(-1, 1)
@@ -137,3 +179,13 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["difflab_config"] = self.run_config
+
+
+class _NullConditioned:
+    """``network(x_t, t, **null condition)`` with the null condition sized to the batch."""
+
+    def __init__(self, network: nn.Module, null: Callable[[int], Condition]):
+        self.network, self.null = network, null
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.network(x, t, **self.null(x.shape[0]))

@@ -55,7 +55,7 @@ class SinusoidalMLPTimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.base_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.base_dim))
+        return self.mlp(sinusoidal_embedding(t, self.base_dim).to(self.mlp[0].weight.dtype))
 
 
 TIME_EMBEDDINGS: dict[str, type[nn.Module]] = {

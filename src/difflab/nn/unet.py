@@ -114,6 +114,8 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,  # recompute each layer in backward to save activation memory
         channels_last: bool = False,  # NHWC memory format for parameters and input
         attention_implementation: str = "auto",  # self-attention: auto | sdpa | channels_first (see attention.py)
+        decoder: bool = True,  # False: the encoder half + pooled linear head -> (B, out_channels) logits (ADM's
+        # noisy classifier for classifier guidance)
     ):
         super().__init__()
         if time_embedding not in TIME_EMBEDDINGS:
@@ -157,7 +159,8 @@ class UNet(nn.Module):
                 ds *= 2
         self.mid = Layer([res(ch, ch)] + ([attn(ch)] if mid_attention else []) + [res(ch, ch)])
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        self.decoder = decoder
+        for level, mult in reversed(list(enumerate(channel_mult)) if decoder else []):
             for _ in range(num_res_blocks + 1):
                 layer = Layer([res(ch + skip_channels.pop(), mult * model_channels)])
                 ch = mult * model_channels
@@ -167,8 +170,12 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
                 ds //= 2
-        self.out = nn.Sequential(group_norm(ch, norm_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        if decoder:
+            self.out = nn.Sequential(group_norm(ch, norm_groups), nn.SiLU(),
+                                     zero_module(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        else:
+            self.out = nn.Sequential(group_norm(ch, norm_groups), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(ch, self.out_channels))
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -201,6 +208,8 @@ class UNet(nn.Module):
             h = self._run(layer, h, emb, context, context_mask)
             skips.append(h)
         h = self._run(self.mid, h, emb, context, context_mask)
+        if not self.decoder:
+            return self.out(h)
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h, skips[-1].shape[-2:])
