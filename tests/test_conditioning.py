@@ -227,3 +227,40 @@ def test_classifier_guidance_raises_the_target_class_probability(sampler):
         fractions[scale] = (x0 < -0.25).double().mean().item()  # nearer component 0 (mean -1.5) than 1 (mean 1)
     assert abs(fractions[0.0] - 0.3) < 0.05, fractions
     assert fractions[1.0] > 0.95 and fractions[3.0] >= fractions[1.0] - 0.01, fractions
+
+
+def test_several_conditions_drop_independently(text_conditioner):
+    from difflab.conditioning import MultiConditioner
+
+    multi = MultiConditioner({"class": ClassConditioner(10, drop_prob=0.5),
+                              "text": TextConditioner(text_conditioner.encoder, drop_prob=0.5)})
+    n = 2000
+    batch = {"label": torch.arange(n) % 10, "caption": [f"a handwritten {i % 10}" for i in range(n)],
+             "image": torch.zeros(n, 1, 8, 8)}
+    condition = multi.training_condition(batch, torch.Generator().manual_seed(0))
+    class_dropped = condition["class_labels"] == 10
+    null_cond = text_conditioner.null(1)["cond"][0]
+    text_dropped = torch.tensor([torch.equal(c, null_cond) for c in condition["cond"]])
+    tolerance = 4 * (0.25 * 0.75 / n) ** 0.5
+    for a, b in ((True, True), (True, False), (False, True), (False, False)):
+        joint = ((class_dropped == a) & (text_dropped == b)).float().mean().item()
+        assert abs(joint - 0.25) < tolerance, (a, b, joint)  # independent: each quarter ~ 0.5 x 0.5
+    # requests: labels go to the class part, prompts to the text part, the other part is null
+    by_label = multi.from_request(labels=[3, 4])
+    assert by_label["class_labels"].tolist() == [3, 4] and torch.equal(by_label["cond"][0], null_cond)
+    by_prompt = multi.from_request(prompts=["a 3", "a 4"])
+    assert by_prompt["class_labels"].tolist() == [10, 10] and not torch.equal(by_prompt["cond"][0], null_cond)
+    null = multi.null(2)
+    assert null["class_labels"].tolist() == [10, 10] and torch.equal(null["cond"][1], null_cond)
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text", "class_text"])
+def test_two_step_training_with_each_conditioning(tmp_path, conditioning):
+    from difflab.cli.train import run
+    from test_train import make_cfg
+
+    trainer = run(make_cfg(tmp_path, f"conditioning={conditioning}", "sampler.num_steps=2"))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert (tmp_path / "samples" / "step_000002.png").exists()
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any("encoder" in key for key in state["state_dict"])  # the frozen text encoder is not saved

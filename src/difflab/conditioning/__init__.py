@@ -1,14 +1,15 @@
 """Conditioning: what the denoiser is told besides x_t and t (``conditioning`` config group)."""
 
 from difflab.conditioning.base import (
-                                       ClassConditioner,
-                                       Condition,
-                                       Conditioner,
-                                       NoConditioning,
-                                       concat_conditions,
-                                       pad_tokens,
+    ClassConditioner,
+    Condition,
+    Conditioner,
+    MultiConditioner,
+    NoConditioning,
+    concat_conditions,
+    pad_tokens,
 )
 from difflab.conditioning.text import TextConditioner, TextEncoder, clip, minilm, pretrained
 
-__all__ = ["ClassConditioner", "Condition", "Conditioner", "NoConditioning", "TextConditioner", "TextEncoder",
-           "clip", "concat_conditions", "minilm", "pad_tokens", "pretrained"]
+__all__ = ["ClassConditioner", "Condition", "Conditioner", "MultiConditioner", "NoConditioning", "TextConditioner",
+           "TextEncoder", "clip", "concat_conditions", "minilm", "pad_tokens", "pretrained"]

@@ -140,3 +140,60 @@ def pad_tokens(x: Tensor, length: int) -> Tensor:
     if x.shape[1] >= length:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))], dim=1)
+
+
+class MultiConditioner(Conditioner):
+    """Several conditions at once (e.g. class and text), each dropped to its own null independently with its
+    own ``drop_prob``: a training example may keep its label and lose its caption, or the reverse, or both
+    (as in multi-condition classifier-free guidance, Liu et al. 2022). The null of the whole is every part's
+    null. Parts must give disjoint network keywords."""
+
+    def __init__(self, parts: dict[str, Conditioner]):
+        super().__init__(drop_prob=0.0)
+        if not parts:
+            raise ValueError("MultiConditioner needs at least one part")
+        self.parts = nn.ModuleDict(parts)
+
+    def _merge(self, conditions: list[Condition]) -> Condition:
+        merged: Condition = {}
+        for condition in conditions:
+            clash = merged.keys() & condition.keys()
+            if clash:
+                raise ValueError(f"conditioners give the same network input(s) {sorted(clash)}")
+            merged.update(condition)
+        return merged
+
+    def forward(self, batch: dict) -> Condition:
+        return self._merge([part(batch) for part in self.parts.values()])
+
+    def null(self, n: int, device: torch.device | str = "cpu") -> Condition:
+        return self._merge([part.null(n, device) for part in self.parts.values()])
+
+    def training_condition(self, batch: dict, generator: torch.Generator | None = None) -> Condition:
+        return self._merge([part.training_condition(batch, generator) for part in self.parts.values()])
+
+    def drop(self, condition: Condition, keep: Tensor) -> Condition:
+        """Drop every part where ``keep`` is False (the joint null)."""
+        parts = []
+        for part in self.parts.values():
+            own = part.null(1, keep.device).keys()
+            parts.append(part.drop({k: v for k, v in condition.items() if k in own}, keep))
+        return self._merge(parts)
+
+    def from_request(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+                     device: torch.device | str = "cpu") -> Condition:
+        """Class parts take the labels, the others the prompts; a part given nothing gets its null."""
+        n = len(labels) if labels is not None else len(prompts) if prompts is not None else 0
+        if n == 0:
+            raise ValueError("give label= or prompt=")
+        conditions = []
+        for part in self.parts.values():
+            if isinstance(part, ClassConditioner):
+                given = None if labels is None else part.from_request(labels=labels, device=device)
+            else:
+                given = None if prompts is None else part.from_request(prompts=prompts, device=device)
+            conditions.append(part.null(n, device) if given is None else given)
+        return self._merge(conditions)
+
+    def examples(self, n: int, device: torch.device | str = "cpu") -> Condition:
+        return self._merge([part.examples(n, device) for part in self.parts.values()])
