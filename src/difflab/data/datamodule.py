@@ -30,6 +30,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.split_seed = split_seed
         n_val = max(1, round(len(dataset) * val_fraction))
         self.train_set, self.val_set = random_split(dataset, [len(dataset) - n_val, n_val],
                                                     generator=torch.Generator().manual_seed(split_seed))

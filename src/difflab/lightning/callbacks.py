@@ -11,25 +11,43 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 
-class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of EMA samples to
-    ``<run dir>/samples/step_XXXXXX.png`` and hand it to the loggers that take images."""
+class Periodic(L.Callback):
+    """Calls ``run(trainer, pl_module)`` every ``every_n_steps`` optimizer steps (0: never) and once more at the
+    end of training, unless it just ran at that step. Every rank calls it (DDP-safe when ``run`` is)."""
 
-    def __init__(self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, dirname: str = "samples"):
+    def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.seed = seed
-        self.dirname = dirname
         self._last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        raise NotImplementedError
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        self._last_step = trainer.global_step
+        return self.run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.write(trainer, pl_module)
+            self._run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
-            self.write(trainer, pl_module)
+            self._run(trainer, pl_module)
+
+
+class SampleGrid(Periodic):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of EMA samples to
+    ``<run dir>/samples/step_XXXXXX.png`` and hand it to the loggers that take images."""
+
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, dirname: str = "samples"):
+        super().__init__(every_n_steps)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.dirname = dirname
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        return self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._last_step = trainer.global_step

@@ -1,0 +1,38 @@
+"""Feature extractors for distribution metrics: ``extractor(images in [-1, 1]) -> (N, D)`` plus a ``name``
+that keys cached statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.metrics.classifier import load_digit_classifier
+
+
+class DigitFeatures(nn.Module):
+    """Penultimate features (128-d) of the shipped MNIST classifier: the standard practice for MNIST-like data,
+    where Inception features mean little. Images are resized to 32x32 and averaged to one channel."""
+
+    name = "digit_classifier"
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        self.net = load_digit_classifier(weights) if weights else load_digit_classifier()
+        self.net.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.net.feature_dim
+
+    def train(self, mode: bool = True) -> DigitFeatures:  # frozen: always in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float()
+        if x.shape[1] != 1:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (32, 32):
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        return self.net.features(x)
