@@ -6,18 +6,15 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from difflab.cli import CONFIG_DIR
 from difflab.cli.sample import load_module, sample
 from difflab.cli.train import run
-from test_train import make_cfg
+from test_train import compose_config, make_cfg
 
 
 def sample_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("sample", overrides=list(overrides))
+    return compose_config("sample", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
+def compose_config(name: str, *overrides: str):
+    """conf/<name>.yaml composed with the overrides, as the entry point's Hydra main would."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
 def make_cfg(tmp_path: Path, *overrides: str):
     """The real config, shrunk: 8x8 digits, tiny network, a few steps, few sampler steps."""
     base = [f"paths.output_dir={tmp_path}", "data=digits", "network=tiny", "data.batch_size=16",
@@ -28,8 +34,7 @@ def make_cfg(tmp_path: Path, *overrides: str):
             "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
             "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_samples=4",
             "callbacks.checkpoint.every_n_train_steps=2", "trainer.limit_val_batches=1"]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=[*base, *overrides])
+    return compose_config("train", *base, *overrides)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

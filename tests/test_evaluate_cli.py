@@ -1,0 +1,49 @@
+"""evaluate.py: FID of a checkpoint's samples or of a folder, next to the real-vs-real floor, as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from difflab.cli.evaluate import evaluate, main, report
+from difflab.cli.sample import sample
+from difflab.cli.train import run
+from test_sample_cli import sample_cfg
+from test_train import compose_config, make_cfg
+
+
+def eval_cfg(*overrides: str):
+    return compose_config("evaluate", *overrides)
+
+
+@pytest.fixture(scope="module")
+def class_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_run")
+    run(make_cfg(tmp, "trainer.max_steps=2", "sampler.num_steps=2"))  # the default: class-conditional
+    return tmp / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_fid_with_floor_and_class_accuracy(class_checkpoint):
+    result = evaluate(eval_cfg(f"ckpt={class_checkpoint}", "n=20", "steps=2", "batch_size=8", "progress=false"))
+    assert result["n"] == 20 and result["extractor"] == "digit_classifier"
+    assert result["fid"] > result["fid_real_vs_real"] >= 0  # an untrained model is far from the data
+    assert result["fid_real_vs_real_n"] == 20
+    assert 0 <= result["class_accuracy"] <= 1 and result["sampler"]["num_steps"] == 2
+    assert "real vs real floor (n=20)" in report(result)
+
+
+def test_samples_folder_and_json(class_checkpoint, tmp_path):
+    out = sample(sample_cfg(f"ckpt={class_checkpoint}", "n=12", "steps=2", f"out={tmp_path / 'gen'}",
+                            "progress=false"))
+    result = evaluate(eval_cfg(f"samples={out}", "data=digits", "n=12", "progress=false"))
+    assert result["samples"] == str(out) and result["fid"] > 0 and "class_accuracy" not in result
+    with pytest.raises(ValueError, match="fewer than n=50"):
+        evaluate(eval_cfg(f"samples={out}", "data=digits", "n=50", "progress=false"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluate(eval_cfg(f"samples={tmp_path / 'nowhere'}", "data=digits", "n=5"))
+    with pytest.raises(ValueError, match="either ckpt=PATH"):
+        evaluate(eval_cfg("n=5"))
+    json_path = tmp_path / "r.json"
+    main.__wrapped__(eval_cfg(f"samples={out}", "data=digits", "n=12", "progress=false", f"out={json_path}"))
+    assert json.loads(json_path.read_text())["n"] == 12
