@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from difflab.cli.sample import load_module
+from difflab.cli.sample import checkpoint_sampler, load_module
 from difflab.metrics.classifier import conditional_accuracy, load_digit_classifier, mnist_split, predict
 
 
@@ -30,8 +29,7 @@ def main() -> None:
     _, _, test_x, test_y = mnist_split()
     test_accuracy = (predict(classifier, test_x).argmax(-1) == test_y).float().mean().item()
     module = load_module(args.ckpt)
-    sampler_cfg = OmegaConf.merge(OmegaConf.create(module.run_config["sampler"]), {"num_steps": args.steps})
-    sampler = instantiate(sampler_cfg)(module.schedule)
+    sampler, _ = checkpoint_sampler(OmegaConf.create({"steps": args.steps}), module)
     results = conditional_accuracy(module, classifier, args.scales, args.per_class, prompt_template=args.prompt,
                                    sampler=sampler)
     print(f"classifier test accuracy on 1000 held-out real digits: {test_accuracy:.3f}")

@@ -17,10 +17,11 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from difflab.cli import CONFIG_DIR
-from difflab.cli.sample import load_module, resolve_device
+from difflab.cli.sample import checkpoint_sampler, load_module, resolve_device
 from difflab.conditioning import ClassConditioner
 from difflab.metrics.classifier import load_digit_classifier, predict
-from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
+from difflab.metrics.features import feature_statistics as features
+from difflab.metrics.frechet import frechet_distance_of
 
 
 def load_images(folder: str | Path, n: int) -> torch.Tensor:
@@ -41,13 +42,6 @@ def load_images(folder: str | Path, n: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-def features(extractor, images: torch.Tensor, batch_size: int) -> FeatureStatistics:
-    stats = FeatureStatistics.empty(extractor.dim)
-    for start in range(0, len(images), batch_size):
-        stats.update(extractor(images[start:start + batch_size]))
-    return stats
-
-
 def evaluate(cfg: DictConfig) -> dict:
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise ValueError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
@@ -65,10 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
     result = {"n": n, "extractor": extractor.name, "seed": cfg.seed}
     labels = None
     if module is not None:
-        sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
-        if cfg.steps is not None:
-            sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps})
-        sampler = instantiate(sampler_cfg)(module.schedule)
+        sampler, sampler_cfg = checkpoint_sampler(cfg, module)
         conditions = module.conditioner.examples(n, device)
         labels = conditions.get("class_labels") if isinstance(module.conditioner, ClassConditioner) else None
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)

@@ -23,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 from difflab.cli import CONFIG_DIR
 from difflab.conditioning import NoConditioning
 from difflab.diffusion.guidance import ClassifierGuidance
-from difflab.lightning import DiffusionModule
+from difflab.lightning import DiffusionModule, NoisyClassifierModule
 
 
 def load_module(ckpt: str | Path, device: str | torch.device = "cpu") -> DiffusionModule:
@@ -47,6 +47,15 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     return torch.device(name)
+
+
+def checkpoint_sampler(cfg: DictConfig, module: DiffusionModule):
+    """(sampler, its config): ``cfg.sampler`` if chosen, else the one the checkpoint was trained with, with
+    ``cfg.steps`` steps if given."""
+    sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
+    if cfg.get("steps") is not None:
+        sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps})
+    return instantiate(sampler_cfg)(module.schedule), sampler_cfg
 
 
 def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
@@ -80,10 +89,7 @@ def slug(text: str, max_len: int = 60) -> str:
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device)
-    sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
-    if cfg.steps is not None:
-        sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps})
-    sampler = instantiate(sampler_cfg)(module.schedule)
+    sampler, sampler_cfg = checkpoint_sampler(cfg, module)
     asked = requests(cfg)
     unconditional = isinstance(module.conditioner, NoConditioning)
     if asked != [("", {})] and unconditional and not cfg.get("classifier_ckpt"):
@@ -95,7 +101,7 @@ def sample(cfg: DictConfig) -> Path:
         if not any("labels" in r for _, r in asked):
             raise ValueError("classifier guidance needs the classes to guide toward: label=K (or a list)")
         classifier = load_module(cfg.classifier_ckpt, device)
-        if not hasattr(classifier, "network") or getattr(classifier.network, "decoder", True):
+        if not isinstance(classifier, NoisyClassifierModule):
             raise ValueError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
                              "model=classifier)")
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parent.parent / "generated" /

@@ -50,7 +50,6 @@ class SampleGrid(Periodic):
         return self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        self._last_step = trainer.global_step
         if not hasattr(pl_module, "generate"):  # e.g. the noisy classifier: nothing to draw
             return None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

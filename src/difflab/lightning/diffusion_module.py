@@ -135,17 +135,15 @@ class DiffusionModule(L.LightningModule):
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return out.loss
 
-    def guided(self, condition: Condition | None, guidance_scale: float | None = None,
-               guidance_rescale: float = 0.0, use_ema: bool = True):
-        """``model(x_t, t)`` for the samplers: the (EMA) network under ``condition`` with classifier-free
-        guidance; ``condition=None`` samples unconditionally (the null condition)."""
-        network = self.ema if use_ema else self.network
-        n_null = lambda n: self.conditioner.null(n, self.device)  # noqa: E731
-        if condition is None or not condition:
-            return _NullConditioned(network, n_null)
+    def guided(self, network: nn.Module, n: int, condition: Condition | None, guidance_scale: float | None = None,
+               guidance_rescale: float = 0.0):
+        """``model(x_t, t)`` for the samplers, for batches of n: ``network`` under ``condition`` with
+        classifier-free guidance; ``condition=None`` samples unconditionally (the null condition, built once)."""
+        null = self.conditioner.null(n, self.device)
+        if not condition:
+            return Conditioned(network, null)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        batch = next(iter(condition.values())).shape[0]
-        return ClassifierFreeGuidance(network, condition, n_null(batch), scale, guidance_rescale)
+        return ClassifierFreeGuidance(network, condition, null, scale, guidance_rescale)
 
     @torch.no_grad()
     def generate(self, n: int, *, sampler: Sampler | None = None, generator: torch.Generator | None = None,
@@ -164,7 +162,7 @@ class DiffusionModule(L.LightningModule):
         device = self.device
         if condition is not None and condition and next(iter(condition.values())).shape[0] != n:
             raise ValueError(f"the condition is for {next(iter(condition.values())).shape[0]} samples, not {n}")
-        model = self.guided(condition, guidance_scale, guidance_rescale, use_ema)
+        model = self.guided(network, n, condition, guidance_scale, guidance_rescale)
         if model_wrapper is not None:
             model = model_wrapper(model)
         gen_device = generator.device if generator is not None else device
@@ -180,12 +178,3 @@ class DiffusionModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["difflab_config"] = self.run_config
 
-
-class _NullConditioned:
-    """``network(x_t, t, **null condition)`` with the null condition sized to the batch."""
-
-    def __init__(self, network: nn.Module, null: Callable[[int], Condition]):
-        self.network, self.null = network, null
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.network(x, t, **self.null(x.shape[0]))

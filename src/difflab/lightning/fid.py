@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from difflab.lightning.callbacks import Periodic
+from difflab.metrics.features import feature_statistics
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 
 
@@ -62,10 +63,8 @@ class FIDCallback(Periodic):
         train_set = trainer.datamodule.train_set
         n = min(self.num_samples, len(train_set))
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.seed))[:n]
-        stats = FeatureStatistics.empty(self.extractor.dim)
-        for start in range(0, n, self.batch_size):
-            images = torch.stack([train_set[int(i)]["image"] for i in order[start:start + self.batch_size]])
-            stats.update(self.extractor(images))
+        images = torch.stack([train_set[int(i)]["image"] for i in order])
+        stats = feature_statistics(self.extractor, images, self.batch_size)
         if trainer.is_global_zero:  # every rank computed the same statistics; one writes them, atomically
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

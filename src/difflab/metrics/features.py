@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.metrics.classifier import load_digit_classifier
+from difflab.metrics.frechet import FeatureStatistics
 
 
 class DigitFeatures(nn.Module):
@@ -36,3 +37,11 @@ class DigitFeatures(nn.Module):
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         return self.net.features(x)
+
+
+def feature_statistics(extractor: nn.Module, images: Tensor, batch_size: int = 250) -> FeatureStatistics:
+    """Statistics of ``extractor``'s features over images (N, C, H, W), in batches."""
+    stats = FeatureStatistics.empty(extractor.dim)
+    for start in range(0, len(images), batch_size):
+        stats.update(extractor(images[start:start + batch_size]))
+    return stats
