@@ -34,6 +34,8 @@ def make_cfg(tmp_path: Path, *overrides: str):
             "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
             "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_samples=4",
             "callbacks.checkpoint.every_n_train_steps=2", "trainer.limit_val_batches=1"]
+    chosen = {o.split("=")[0] for o in overrides if "=" in o and "." not in o.split("=")[0]}
+    base = [o for o in base if o.split("=")[0] not in chosen]  # a group chosen in overrides replaces ours
     return compose_config("train", *base, *overrides)
 
 
@@ -47,7 +49,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
 
         for i in range(10):
             Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / f"{i}.png")
-        overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "network.in_channels=3",
+        overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "data.channels=3",
                       "data.num_workers=0", "data.num_classes=1"]
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
@@ -55,22 +57,47 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
     if group == "text_encoder":
         overrides.append("conditioning=text")
+    if group == "model" and option.startswith("autoencoder"):
+        overrides += TINY_AUTOENCODER
+    if group == "model" and option == "ldm":
+        overrides += [f"first_stage.ckpt={untrained_autoencoder_checkpoint(tmp_path)}", *TINY_LATENT_NETWORK]
     cfg = make_cfg(tmp_path, *overrides)
     if group == "text_encoder" and option == "clip":  # a hub download: check the target, build no model
         from hydra._internal.utils import _locate
 
         assert callable(_locate(cfg.text_encoder._target_)) and cfg.network.context_dim == cfg.text_encoder.dim
         return
-    if group == "network" and option in ("ldm", "base"):  # no matching dataset yet: instantiate the node alone
+    if group == "network" and option in ("ldm", "base", "latent_small"):  # not pixel-space MNIST: the node alone
         assert instantiate(cfg.network) is not None
         return
     model, datamodule, trainer = build(cfg)
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"image", "label", "caption"}
+    assert set(batch) == {"image", "label", "caption", "index"}
+    if group == "model" and option.startswith("autoencoder"):  # reconstructions of the batch
+        assert model(batch["image"]).shape == batch["image"].shape
+        assert (model.discriminator is not None) == (option == "autoencoder_gan")
+        return
     if group == "model" and option == "classifier":  # the noisy classifier: logits for the batch's labels
         assert model(batch["image"], torch.zeros(len(batch["image"]), dtype=torch.long)).shape == (16, 10)
         return
-    assert batch["image"].shape[1:] == model.image_shape
+    assert batch["image"].shape[1:] == model.pixel_shape
+
+
+TINY_AUTOENCODER = ["model.autoencoder.channels=8", "model.autoencoder.channel_mult=[1,2]",
+                    "model.autoencoder.norm_groups=4"]  # f = 2: 4x4x4 latents of the 8x8 digits
+TINY_LATENT_NETWORK = ["network=latent_small", "network.model_channels=16", "network.head_dim=8",
+                       "network.norm_groups=8", "network.num_res_blocks=1"]
+
+
+def untrained_autoencoder_checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint of the tiny model=autoencoder, randomly initialised, as train.py would write it."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg(tmp_path, "model=autoencoder", *TINY_AUTOENCODER)
+    module = instantiate(cfg.model, _convert_="all")
+    path = tmp_path / "autoencoder.ckpt"
+    torch.save({"state_dict": module.state_dict(), "difflab_config": OmegaConf.to_container(cfg, resolve=True)}, path)
+    return path
 
 
 def test_unknown_option_lists_valid_choices(tmp_path):
@@ -78,6 +105,18 @@ def test_unknown_option_lists_valid_choices(tmp_path):
         make_cfg(tmp_path, "schedule=cosin")
     for name in ("cosine", "linear", "scaled_linear", "sigmoid"):
         assert name in str(info.value)
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_trains_a_step(tmp_path, preset):
+    overrides = [f"experiment={preset}", "trainer.max_steps=1", "callbacks.sample_grid.num_samples=4"]
+    if preset == "mnist_autoencoder":
+        overrides += TINY_AUTOENCODER
+    if preset == "mnist_ldm":
+        overrides += [f"first_stage.ckpt={untrained_autoencoder_checkpoint(tmp_path)}", *TINY_LATENT_NETWORK]
+    trainer = run(make_cfg(tmp_path, *overrides))
+    assert trainer.global_step == 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "samples").is_dir()
 
 
 @pytest.mark.slow

@@ -20,8 +20,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         num_workers: int = 0,  # in-memory datasets are fastest with 0 on small machines
         root: str | None = None,  # folder datasets: where the files are (`data.root=DIR`), passed on to them
         num_classes: int | None = None,  # labelled datasets: how many classes (conditioning=class reads it)
+        channels: int | None = None,  # image channels (the networks' configs read it)
     ):
         super().__init__()
+        self.channels = channels
         self.num_classes = num_classes
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

@@ -39,7 +39,7 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         label = int(self.labels[index])
-        return {"image": self.images[index], "label": label, "caption": self.caption_fn(label)}
+        return {"image": self.images[index], "label": label, "caption": self.caption_fn(label), "index": index}
 
 
 def _to_unit_range(pixels: Tensor, max_value: float) -> Tensor:
@@ -129,4 +129,4 @@ class ImageFolder(Dataset):
         except (OSError, UnidentifiedImageError) as err:
             raise OSError(f"cannot read image {path}: {err}") from err
         caption = text if label == NO_LABEL else f"a photo of a {text}"
-        return {"image": self.transform(image), "label": label, "caption": caption}
+        return {"image": self.transform(image), "label": label, "caption": caption, "index": index}

@@ -4,7 +4,8 @@
     x0 = sampler.sample(model_fn, x_T, prediction_type="epsilon", generator=g)
 
 ``model_fn(x_t, t)`` is the network (or a guidance wrapper around it): x_t like x_T, t a LongTensor (B,)
-of training timesteps. x_T is unit-variance noise for every sampler. The sampler state and all
+of training timesteps. x_T is the variance-preserving state at the grid's first timestep: unit-variance
+noise when sampling from scratch, a noised image when ``from_step`` starts part-way. The sampler state and all
 coefficients are float64 (float32 on MPS, which has no float64); the model sees x_T's dtype and the
 result is returned in it. A grid is N timesteps t_0 > ... > t_{N-1} followed by the clean level
 (alpha_bar = 1), so a sampler makes N steps and ends on its data prediction.
@@ -12,6 +13,7 @@ result is returned in it. A grid is N timesteps t_0 > ... > t_{N-1} followed by 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -69,6 +71,19 @@ class Sampler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_steps={self.num_steps}, timestep_spacing={self.timestep_spacing!r}, "
                 f"schedule={self.schedule.name!r})")
+
+    def from_step(self, index: int) -> Sampler:
+        """This sampler on the rest of its grid, from grid index ``index`` on: its ``sample`` then takes the
+        state x_t at t = timesteps[index] (image-to-image / SDEdit, Meng et al. 2022, starts part-way down)."""
+        if not 0 <= index < self.num_steps:
+            raise ValueError(f"start index {index} outside the grid of {self.num_steps} steps")
+        sampler = copy.copy(self)
+        sampler.num_steps = self.num_steps - index
+        sampler.timesteps = self.timesteps[index:]
+        sampler.alphas_cumprod = self.alphas_cumprod[index:]
+        if hasattr(self, "sigmas"):
+            sampler.sigmas = self.sigmas[index:]
+        return sampler
 
     # ---- pieces every loop uses ---------------------------------------------------------------
 

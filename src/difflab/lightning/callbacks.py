@@ -37,7 +37,8 @@ class Periodic(L.Callback):
 
 
 class SampleGrid(Periodic):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of EMA samples to
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of the module's
+    ``preview(n, generator)`` (EMA samples; the autoencoder's reconstructions) to
     ``<run dir>/samples/step_XXXXXX.png`` and hand it to the loggers that take images."""
 
     def __init__(self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, dirname: str = "samples"):
@@ -50,13 +51,12 @@ class SampleGrid(Periodic):
         return self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        if not hasattr(pl_module, "generate"):  # e.g. the noisy classifier: nothing to draw
+        if not hasattr(pl_module, "preview"):  # e.g. the noisy classifier: nothing to draw
             return None
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        condition = pl_module.conditioner.examples(self.num_samples, pl_module.device)
         # every rank samples: no collective may run on rank 0 alone
-        samples = pl_module.generate(self.num_samples, generator=generator, condition=condition)
-        return self._save(trainer, samples)
+        samples = pl_module.preview(self.num_samples, generator=generator)
+        return None if samples is None else self._save(trainer, samples)
 
     @rank_zero_only
     def _save(self, trainer: L.Trainer, samples: torch.Tensor) -> Path:
