@@ -14,7 +14,7 @@ from difflab.latent import AutoencoderFirstStage, DiffusersFirstStage, load_firs
 from difflab.lightning import AutoencoderModule, LatentDiffusionModule
 from difflab.nn import Autoencoder, DiagonalGaussian, PatchDiscriminator
 from test_sample_cli import sample_cfg
-from test_train import TINY_AUTOENCODER, make_cfg
+from test_train import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg
 
 
 @pytest.mark.parametrize("channel_mult,f", [((1, 2), 2), ((1, 2, 2), 4), ((1, 2, 2, 4), 8)])
@@ -227,3 +227,28 @@ def test_sample_cli_editing_errors(ldm_run, tmp_path):
                           f"out={tmp_path / 'b'}", "progress=false"))
     with pytest.raises(FileNotFoundError, match="image not found: .*nope.png"):
         sample(sample_cfg(f"ckpt={ckpt}", f"init_image={tmp_path / 'nope.png'}", f"out={tmp_path / 'c'}"))
+
+
+def test_latent_cache_on_disk_is_written_then_reused(autoencoder_ckpt, tmp_path, monkeypatch):
+    path, _, _ = autoencoder_ckpt
+    cache = tmp_path / "latents"
+    overrides = ["model=ldm", f"first_stage.ckpt={path}", *TINY_LATENT_NETWORK, f"model.latent_cache_dir={cache}",
+                 "data.batch_size=64", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                 "callbacks.sample_grid.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=30"]
+    first = run(make_cfg(tmp_path / "a", *overrides)).lightning_module  # 25 steps per epoch, then 5 more
+    files = list(cache.glob("latents_sklearn_digits_*_rank0.pt"))
+    assert len(files) == 1
+    saved = torch.load(files[0], weights_only=True)
+    assert len(saved["index"]) == first._saved_cache_size == len(first._latent_cache) >= 25 * 64
+    index = int(saved["index"][0])
+    torch.testing.assert_close(saved["mean"][0], first._latent_cache[index][0])
+    # the posterior stored is the first stage's, for the dataset image of that index
+    image = first.trainer.datamodule.dataset[index]["image"][None]
+    torch.testing.assert_close(saved["mean"][0], first.first_stage.scaled_moments(image)[0][0], atol=1e-5, rtol=1e-5)
+    calls = []
+    encode = AutoencoderFirstStage.scaled_moments
+    monkeypatch.setattr(AutoencoderFirstStage, "scaled_moments", lambda self, x: calls.append(len(x)) or encode(self, x))
+    run(make_cfg(tmp_path / "b", *overrides, "trainer.max_steps=2"))
+    assert calls == []  # every training image's posterior came from the file
+    run(make_cfg(tmp_path / "c", *overrides, "trainer.max_steps=2", "first_stage.scale_factor=0.5"))
+    assert calls == [64, 64]  # another first stage (its scale differs) encodes afresh

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,15 +22,21 @@ class LatentDiffusionModule(DiffusionModule):
 
     ``cache_latents``: keep each training image's posterior (mean, std) in memory after its first encoding and
     draw z from it afterwards (for datasets without random augmentation; batches need their ``index``).
+    ``latent_cache_dir``: also save that cache there after every epoch and load it at the start of the next
+    run, in a file named by a fingerprint of the first stage's weights, the dataset and the image size (a
+    different autoencoder or dataset never reads another's latents).
     """
 
-    def __init__(self, first_stage: FirstStage, image_size: int, cache_latents: bool = False, **kwargs):
+    def __init__(self, first_stage: FirstStage, image_size: int, cache_latents: bool = False,
+                 latent_cache_dir: str | None = None, **kwargs):
         kwargs["image_shape"] = first_stage.latent_shape(image_size)
         super().__init__(**kwargs)
         self.first_stage = first_stage.requires_grad_(False).eval()
         self.image_size = image_size
-        self.cache_latents = cache_latents
+        self.cache_latents = cache_latents or latent_cache_dir is not None
+        self.latent_cache_dir = latent_cache_dir
         self._latent_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._saved_cache_size = 0
         network_channels = getattr(self.network, "in_channels", first_stage.latent_channels)
         if network_channels != first_stage.latent_channels:
             raise ValueError(f"the network takes {network_channels}-channel inputs but the first stage's latents have "
@@ -73,6 +83,41 @@ class LatentDiffusionModule(DiffusionModule):
         """A latent is regenerated if any pixel it covers is (max-pooling the pixel mask by f)."""
         f = self.first_stage.downsampling_factor
         return F.max_pool2d(mask, f) if f > 1 else mask
+
+    # ---- the latent cache on disk ------------------------------------------------------------------
+
+    def latent_cache_path(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.first_stage.spec(), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.first_stage.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dataset = getattr(getattr(datamodule, "dataset", None), "name", "dataset")
+        digest.update(f"{dataset}/{self.image_size}".encode())
+        rank = self.global_rank if self._trainer is not None else 0
+        return Path(self.latent_cache_dir) / f"latents_{dataset}_{digest.hexdigest()[:16]}_rank{rank}.pt"
+
+    def on_fit_start(self) -> None:
+        if self.latent_cache_dir is None:
+            return
+        path = self.latent_cache_path()
+        if path.is_file():
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            for i, mean, std in zip(saved["index"].tolist(), saved["mean"], saved["std"], strict=True):
+                self._latent_cache[i] = (mean, std)
+            self._saved_cache_size = len(self._latent_cache)
+
+    def on_train_epoch_end(self) -> None:
+        if self.latent_cache_dir is None or len(self._latent_cache) == self._saved_cache_size:
+            return
+        path = self.latent_cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        indices = sorted(self._latent_cache)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"index": torch.tensor(indices), "mean": torch.stack([self._latent_cache[i][0] for i in indices]),
+                    "std": torch.stack([self._latent_cache[i][1] for i in indices])}, tmp)
+        tmp.replace(path)  # atomic: an interrupted save leaves the previous file
+        self._saved_cache_size = len(indices)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
