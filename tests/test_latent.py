@@ -247,7 +247,8 @@ def test_latent_cache_on_disk_is_written_then_reused(autoencoder_ckpt, tmp_path,
     torch.testing.assert_close(saved["mean"][0], first.first_stage.scaled_moments(image)[0][0], atol=1e-5, rtol=1e-5)
     calls = []
     encode = AutoencoderFirstStage.scaled_moments
-    monkeypatch.setattr(AutoencoderFirstStage, "scaled_moments", lambda self, x: calls.append(len(x)) or encode(self, x))
+    monkeypatch.setattr(AutoencoderFirstStage, "scaled_moments",
+                        lambda self, x: calls.append(len(x)) or encode(self, x))
     run(make_cfg(tmp_path / "b", *overrides, "trainer.max_steps=2"))
     assert calls == []  # every training image's posterior came from the file
     run(make_cfg(tmp_path / "c", *overrides, "trainer.max_steps=2", "first_stage.scale_factor=0.5"))
