@@ -31,6 +31,10 @@ def test_checkpoint_fid_with_floor_and_class_accuracy(class_checkpoint):
     assert result["fid_real_vs_real_n"] == 20
     assert 0 <= result["class_accuracy"] <= 1 and result["sampler"]["num_steps"] == 2
     assert "real vs real floor (n=20)" in report(result)
+    assert result["kid"] > result["kid_real_vs_real"] and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    assert 1 <= result["inception_score"] <= 10  # over the digit classifier's 10 classes
+    with pytest.raises(ValueError, match="unknown metrics \\['fd'\\]; valid: fid, kid, prc, isc"):
+        evaluate(eval_cfg(f"ckpt={class_checkpoint}", "n=20", "steps=2", "metrics=[fd]", "progress=false"))
 
 
 def test_samples_folder_and_json(class_checkpoint, tmp_path):
@@ -47,3 +51,12 @@ def test_samples_folder_and_json(class_checkpoint, tmp_path):
     json_path = tmp_path / "r.json"
     main.__wrapped__(eval_cfg(f"samples={out}", "data=digits", "n=12", "progress=false", f"out={json_path}"))
     assert json.loads(json_path.read_text())["n"] == 12
+
+
+def test_clip_score_of_a_text_checkpoint(tiny_clip, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text_eval")
+    run(make_cfg(tmp, "conditioning=text", "trainer.max_steps=2", "sampler.num_steps=2"))
+    result = evaluate(eval_cfg(f"ckpt={tmp / 'checkpoints' / 'last.ckpt'}", "n=12", "steps=2", "metrics=[fid]",
+                               f"clip_model={tiny_clip}", "clip_local_files_only=true", "progress=false"))
+    assert 0 <= result["clip_score"] <= 100 and "class_accuracy" not in result
+    assert "CLIPScore" in report(result)

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import CONFIG_DIR
+from difflab.lightning.loggers import finish_wandb_runs
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
@@ -38,7 +39,10 @@ def run(cfg: DictConfig) -> L.Trainer:
     OmegaConf.save(cfg, os.path.join(trainer.default_root_dir, "config.yaml"), resolve=True)
     for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
         logger.log_hyperparams(model.run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        finish_wandb_runs(trainer.loggers)
     return trainer
 
 

@@ -58,22 +58,28 @@ class SampleGrid(Periodic):
         samples = pl_module.preview(self.num_samples, generator=generator)
         return None if samples is None else self._save(trainer, samples)
 
-    @rank_zero_only
-    def _save(self, trainer: L.Trainer, samples: torch.Tensor) -> Path:
-        grid = make_grid((samples.float().cpu() + 1) / 2, nrow=int(self.num_samples**0.5), padding=2, pad_value=1.0)
-        path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        save_image(grid, tmp)
-        tmp.replace(path)  # atomic: a viewer never sees a half-written grid
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # W&B
-                logger.log_image("samples", [grid], step=trainer.global_step)
-                continue
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):  # TensorBoard
-                experiment.add_image("samples", grid, trainer.global_step)
-        return path
+    def _save(self, trainer: L.Trainer, samples: torch.Tensor) -> Path | None:
+        return save_and_log_grid(trainer, samples, self.dirname, "samples")
+
+
+@rank_zero_only
+def save_and_log_grid(trainer: L.Trainer, images: torch.Tensor, dirname: str, key: str) -> Path:
+    """Write images (N, C, H, W) in [-1, 1] as a square grid to ``<run dir>/<dirname>/step_XXXXXX.png``
+    (atomically) and hand it to the loggers that take images (W&B, TensorBoard) under ``key``."""
+    grid = make_grid((images.float().cpu() + 1) / 2, nrow=int(len(images) ** 0.5), padding=2, pad_value=1.0)
+    path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    save_image(grid, tmp)
+    tmp.replace(path)  # atomic: a viewer never sees a half-written grid
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # W&B
+            logger.log_image(key, [grid], step=trainer.global_step)
+            continue
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            experiment.add_image(key, grid, trainer.global_step)
+    return path
 
 
 class ProgressBar(RichProgressBar):

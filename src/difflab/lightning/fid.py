@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
-from difflab.lightning.callbacks import Periodic
+from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.metrics.features import feature_statistics
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 
@@ -38,12 +40,16 @@ class FIDCallback(Periodic):
         return f"val/fid_{n // 1000}k" if n % 1000 == 0 else f"val/fid_{n}"
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        start = time.perf_counter()
         real = self.real_statistics(trainer)
-        fake = self.sample_statistics(trainer, pl_module)
+        fake, preview = self.sample_statistics(trainer, pl_module)
         value = frechet_distance_of(real, fake)
+        seconds = time.perf_counter() - start
         for logger in trainer.loggers:
-            logger.log_metrics({self.metric_name: value}, step=trainer.global_step)
-        rank_zero_info(f"{self.metric_name} = {value:.4f} at step {trainer.global_step}")
+            logger.log_metrics({self.metric_name: value, f"{self.metric_name}_seconds": seconds},
+                               step=trainer.global_step)
+        rank_zero_info(f"{self.metric_name} = {value:.4f} at step {trainer.global_step} ({seconds:.1f} s)")
+        save_and_log_grid(trainer, preview, "fid_samples", "fid_samples")  # the samples behind the figure
         return value
 
     def _cache_path(self, trainer: L.Trainer) -> Path:
@@ -72,13 +78,14 @@ class FIDCallback(Periodic):
             tmp.replace(path)
         return stats
 
-    def sample_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> FeatureStatistics:
+    def sample_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FeatureStatistics, Tensor]:
+        """The samples' statistics (all ranks' samples) and this rank's first 64 samples."""
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-self.num_samples // world)  # every rank the same count: all_gather needs equal shapes
         sampler = self.sampler_factory(pl_module.schedule) if self.sampler_factory else pl_module.sampler
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1 + rank)
         conditions = pl_module.conditioner.examples(share * world, pl_module.device)
-        features = []
+        features, preview = [], None
         self.extractor.to(pl_module.device)
         for start in range(0, share, self.batch_size):
             count = min(self.batch_size, share - start)
@@ -86,8 +93,9 @@ class FIDCallback(Periodic):
             condition = {k: v[first:first + count] for k, v in conditions.items()}
             images = pl_module.generate(count, sampler=sampler, generator=generator, condition=condition)
             features.append(self.extractor(images))
+            preview = images[:64] if preview is None else preview
         local = torch.cat(features)
         gathered = pl_module.all_gather(local)  # (world, share, D) under DDP, (share, D) alone
         gathered = gathered.reshape(-1, local.shape[-1])[: self.num_samples]
-        return FeatureStatistics.of(gathered)
+        return FeatureStatistics.of(gathered), preview
 

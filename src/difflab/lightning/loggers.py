@@ -73,3 +73,13 @@ def wandb_logger(save_dir: str, project: str = "difflab", entity: str | None = N
         id_file.write_text(run_id + "\n")
     return WandbLogger(save_dir=save_dir, project=project, entity=entity, name=name, tags=list(tags or []),
                        id=run_id, resume="allow", mode=mode, log_model=log_model, **kwargs)
+
+
+def finish_wandb_runs(loggers) -> None:
+    """End the W&B runs of ``loggers`` (Lightning's WandbLogger leaves them open until the process exits): the
+    offline run file is complete when training returns, and the next job of a Hydra multirun starts its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

@@ -29,14 +29,33 @@ class DigitFeatures(nn.Module):
     def train(self, mode: bool = True) -> DigitFeatures:  # frozen: always in eval mode
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    has_logits = True
+
+    @staticmethod
+    def _prepare(images: Tensor) -> Tensor:
         x = images.float()
         if x.shape[1] != 1:
             x = x.mean(1, keepdim=True)
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-        return self.net.features(x)
+        return x
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.features(self._prepare(images))
+
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:
+        """The classifier's 10 logits: an Inception Score over digit classes (max 10)."""
+        return self.net(self._prepare(images))
+
+
+def extract(extractor: nn.Module, images: Tensor, batch_size: int = 250, logits: bool = False) -> Tensor:
+    """``extractor``'s features (or logits) of images (N, C, H, W), in batches: (N, D)."""
+    fn = extractor.logits if logits else extractor
+    device = next(extractor.parameters()).device
+    return torch.cat([fn(images[start:start + batch_size].to(device)).float().cpu()
+                      for start in range(0, len(images), batch_size)])
 
 
 def feature_statistics(extractor: nn.Module, images: Tensor, batch_size: int = 250) -> FeatureStatistics:
