@@ -14,7 +14,7 @@ from difflab.cli import CONFIG_DIR
 from difflab.cli.train import build, run
 
 GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "model", "optim",
-          "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder"]
+          "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder", "precision"]
 
 
 def options(group: str) -> list[str]:
@@ -53,8 +53,17 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
                       "data.num_workers=0", "data.num_classes=1"]
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
-    if group == "trainer" and option in ("gpu", "ddp"):
-        overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
+    if group == "data" and option == "webdataset":
+        from test_shards import shards as make_shards
+
+        overrides += [f"data.train_urls={make_shards.__wrapped__(tmp_path)}", "data.num_workers=0",
+                      "data.image_size=8", "data.batch_size=4", "data.num_classes=2"]
+    if group == "trainer" and option in ("gpu", "ddp", "multinode"):
+        overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1",
+                      "trainer.num_nodes=1"]
+    if group == "precision" and option == "16-mixed":  # float16 autocast is GPU-only: check the composed value
+        assert make_cfg(tmp_path, *overrides).trainer.precision == "16-mixed"
+        return
     if group == "text_encoder":
         overrides.append("conditioning=text")
     if group == "model" and option.startswith("autoencoder"):
@@ -72,7 +81,8 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         return
     model, datamodule, trainer = build(cfg)
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"image", "label", "caption", "index"}
+    assert set(batch) == ({"image", "label", "caption", "key"} if option == "webdataset" else
+                          {"image", "label", "caption", "index"})
     if group == "model" and option.startswith("autoencoder"):  # reconstructions of the batch
         assert model(batch["image"]).shape == batch["image"].shape
         assert (model.discriminator is not None) == (option == "autoencoder_gan")

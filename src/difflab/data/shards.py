@@ -1,0 +1,134 @@
+"""Image-caption data as webdataset tar shards: writing them from a folder, reading them per rank.
+
+    python -m difflab.data.make_shards SRC DST [--shard-size 1000]     # SRC: an image folder (see ImageFolder)
+    python train.py data=webdataset data.train_urls=DST data.num_classes=10
+
+Each sample is ``<key>.png`` (the image), ``<key>.txt`` (its caption) and ``<key>.cls`` (its label, -1 if none).
+Training reads shards resampled with replacement, independently per rank and worker, with a fixed number of
+samples per epoch (webdataset's recommended multi-node setup: no rank waits for another's shorter epoch);
+evaluation reads every sample exactly once, shards split across ranks and then workers.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from torchvision.transforms import v2
+
+
+def write_shards(source: str | Path, destination: str | Path, shard_size: int = 1000) -> list[Path]:
+    """Write the images of an image folder (class subfolders or metadata.jsonl) to DST/shard-XXXXXX.tar."""
+    import webdataset as wds
+    from PIL import Image
+
+    from difflab.data.datasets import NO_LABEL, ImageFolder
+
+    folder = ImageFolder(source, image_size=8)  # only its file list and captions are used
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(destination / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for index, (path, label, text) in enumerate(folder.items):
+            buffer = io.BytesIO()
+            with Image.open(path) as image:
+                image.save(buffer, format="PNG")
+            caption = text if label == NO_LABEL else f"a photo of a {text}"
+            sink.write({"__key__": f"{index:09d}", "png": buffer.getvalue(), "txt": caption, "cls": label})
+    return sorted(destination.glob("shard-*.tar"))
+
+
+def shard_urls(urls: str | list[str]) -> list[str]:
+    """A directory (its *.tar files), a brace pattern ("shards/shard-{000000..000009}.tar") or a list."""
+    import braceexpand
+
+    if isinstance(urls, (list, tuple)):
+        return [str(u) for u in urls]
+    path = Path(urls).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
+        if not found:
+            raise ValueError(f"no .tar shards in {path} (write some: python -m difflab.data.make_shards SRC {path})")
+        return found
+    return list(braceexpand.braceexpand(str(urls)))
+
+
+def _drop_private_keys(samples):
+    """webdataset's map puts ``__key__`` / ``__url__`` back: batches carry only our keys."""
+    for sample in samples:
+        yield {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+class ShardedImages(IterableDataset):
+    """Samples {image, label, caption, key} from tar shards; ``resampled``: an endless stream drawn per rank and
+    worker (seeded), cut into epochs of ``epoch_length`` samples per process; otherwise each sample once."""
+
+    def __init__(self, urls: str | list[str], image_size: int = 32, channels: int = 3, resampled: bool = False,
+                 epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000):
+        super().__init__()
+        self.urls = shard_urls(urls)
+        self.image_size, self.channels = image_size, channels
+        self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
+        self.shuffle_buffer = shuffle_buffer
+        self.transform = v2.Compose([
+            v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels),
+        ])
+        self.name = f"webdataset_{Path(self.urls[0]).parent.name}"
+
+    def _sample(self, sample: dict) -> dict:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        image = sample["png"].convert("L" if self.channels == 1 else "RGB")
+        return {"image": self.transform(pil_to_tensor(image)), "label": int(sample["cls"]),
+                "caption": sample["txt"], "key": sample["__key__"]}
+
+    def pipeline(self):
+        import webdataset as wds
+
+        if self.resampled:
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            rng = random.Random(f"{self.seed}/{rank}/{worker}")  # a stream per (seed, rank, worker)
+            stages = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True), wds.tarfile_to_samples(),
+                      wds.shuffle(self.shuffle_buffer, rng=rng)]
+        else:
+            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker,
+                      wds.tarfile_to_samples()]
+        pipeline = wds.DataPipeline(*stages, wds.decode("pil"), wds.map(self._sample), _drop_private_keys)
+        if self.resampled and self.epoch_length:
+            info = torch.utils.data.get_worker_info()
+            workers = info.num_workers if info is not None else 1
+            pipeline = pipeline.with_epoch(-(-self.epoch_length // workers))  # per worker
+        return pipeline
+
+    def __iter__(self):
+        return iter(self.pipeline())
+
+
+class WebDataModule(L.LightningDataModule):
+    """Batches of {image, label, caption} from shards (``data=webdataset``): training resampled per rank with
+    ``epoch_length`` samples per rank per epoch, validation each sample of ``val_urls`` once across ranks."""
+
+    def __init__(self, train_urls: str | list[str], val_urls: str | list[str] | None = None, image_size: int = 32,
+                 channels: int = 3, batch_size: int = 64, epoch_length: int = 10000, seed: int = 0,
+                 num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0):
+        super().__init__()
+        self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
+        self.num_workers, self.num_classes, self.split_seed = num_workers, num_classes, split_seed
+        self.train_set = ShardedImages(train_urls, image_size, channels, resampled=True, epoch_length=epoch_length,
+                                       seed=seed)
+        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels)
+        self.dataset = self.train_set
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
