@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import CONFIG_DIR
+from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
 
 
@@ -29,21 +30,31 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     return model, datamodule, trainer
 
 
+def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """``ckpt_path``: a file to resume from; ``auto``: this run directory's ``checkpoints/last.ckpt`` if it exists
+    (a restarted or requeued job continues, a first run starts fresh); null: start fresh."""
+    if cfg.ckpt_path == "auto":
+        last = LastCheckpoint.checkpoint_path(trainer)
+        return str(last) if last.is_file() else None
+    if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
+        raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
+    return cfg.ckpt_path
+
+
 def run(cfg: DictConfig) -> L.Trainer:
     # the EMA copy is meant to stay in eval mode while the network trains
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # lightning 2.6 on torch 2.14 warns about its own pytree use at every fit: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
-        raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
     model, datamodule, trainer = build(cfg)
+    ckpt_path = resume_path(cfg, trainer)
     os.makedirs(trainer.default_root_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(trainer.default_root_dir, "config.yaml"), resolve=True)
     for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
         logger.log_hyperparams(model.run_config)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb_runs(trainer.loggers)
     return trainer
