@@ -253,3 +253,17 @@ def test_latent_cache_on_disk_is_written_then_reused(autoencoder_ckpt, tmp_path,
     assert calls == []  # every training image's posterior came from the file
     run(make_cfg(tmp_path / "c", *overrides, "trainer.max_steps=2", "first_stage.scale_factor=0.5"))
     assert calls == [64, 64]  # another first stage (its scale differs) encodes afresh
+
+
+def test_latent_cache_is_refused_for_randomly_flipped_data(autoencoder_ckpt, tmp_path):
+    path, _, _ = autoencoder_ckpt
+    folder = tmp_path / "images" / "digit"
+    folder.mkdir(parents=True)
+    for i in range(20):
+        Image.new("L", (8, 8), i * 10).save(folder / f"{i}.png")
+    with pytest.warns(UserWarning, match="cache_latents is off"):
+        trainer = run(make_cfg(tmp_path / "run", "model=ldm", f"first_stage.ckpt={path}", *TINY_LATENT_NETWORK,
+                               "data=imagefolder", f"data.root={tmp_path / 'images'}", "data.channels=1",
+                               "data.image_size=8", "data.batch_size=4", "data.num_workers=0", "data.num_classes=1",
+                               "data.dataset.random_flip=true"))
+    assert not trainer.lightning_module.cache_latents and not trainer.lightning_module._latent_cache

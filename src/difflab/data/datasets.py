@@ -91,6 +91,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} (set data.root=DIR)")
         self.channels = channels
+        self.random_flip = random_flip  # latent caching reads it: a cached latent would freeze one flip
         metadata = self.root / "metadata.jsonl"
         if metadata.exists():
             self.items = []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from difflab.latent.first_stage import FirstStage
@@ -98,6 +99,11 @@ class LatentDiffusionModule(DiffusionModule):
         return Path(self.latent_cache_dir) / f"latents_{dataset}_{digest.hexdigest()[:16]}_rank{rank}.pt"
 
     def on_fit_start(self) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.cache_latents and getattr(getattr(datamodule, "dataset", None), "random_flip", False):
+            rank_zero_warn("cache_latents is off: the dataset flips images at random, and a cached latent would "
+                           "freeze one flip (set data.dataset.random_flip=false to cache)")
+            self.cache_latents, self.latent_cache_dir = False, None
         if self.latent_cache_dir is None:
             return
         path = self.latent_cache_path()
