@@ -33,7 +33,9 @@ class LastCheckpoint(L.Callback):
         self.received = signal.Signals(signum).name
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        environment = getattr(trainer.strategy, "cluster_environment", None)  # single-device strategies have none
+        # the environment Lightning's signal connector consults (single-device strategies carry none themselves)
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None) or \
+            getattr(trainer.strategy, "cluster_environment", None)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and getattr(environment, "auto_requeue", False)
         for name in self.signals:
             if name == "SIGUSR1" and slurm_requeue:
