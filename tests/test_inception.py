@@ -71,7 +71,7 @@ def test_fid_kid_prc_equal_torch_fidelity_calculate_metrics(extractor, digit_set
     ours = frechet_distance_of(FeatureStatistics.of(f_real), FeatureStatistics.of(f_fake))
     kid_mean, _ = kernel_inception_distance(f_real, f_fake, subsets=20, subset_size=50)
     precision, recall = precision_recall(f_real, f_fake)
-    weights = extractor.weights_path.with_name(extractor.weights_path.stem + ".plain.pth")
+    weights = extractor.weights_path
     theirs = torch_fidelity.calculate_metrics(
         input1=Uint8Images(fake), input2=Uint8Images(real), fid=True, kid=True, prc=True, cuda=False,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights), cache=False,

