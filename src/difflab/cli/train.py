@@ -9,9 +9,11 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import CONFIG_DIR
+from difflab.cli.sweep_summary import write_final_metrics
 from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
 
@@ -35,10 +37,21 @@ def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     (a restarted or requeued job continues, a first run starts fresh); null: start fresh."""
     if cfg.ckpt_path == "auto":
         last = LastCheckpoint.checkpoint_path(trainer)
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        rank_zero_info(f"resuming from {last} (ckpt_path=auto: this run directory's last checkpoint; "
+                       "ckpt_path=null starts afresh)")
+        return str(last)
     if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
         raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
     return cfg.ckpt_path
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of this job (a multirun: this point's), as Hydra recorded them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def run(cfg: DictConfig) -> L.Trainer:
@@ -57,12 +70,21 @@ def run(cfg: DictConfig) -> L.Trainer:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb_runs(trainer.loggers)
+    stopped = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.interrupted), None)
+    if stopped is not None:  # preempted: last.ckpt is written; the signal's owner (submitit: requeue) acts now
+        stopped.pass_on_signal()
+    elif trainer.is_global_zero:  # a finished run's final metrics, for sweep summaries
+        write_final_metrics(trainer.default_root_dir, trainer.callback_metrics, trainer.global_step,
+                            task_overrides())
     return trainer
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns the final ``val/loss``: the objective Hydra's optimizing sweepers (Optuna, Ax, Nevergrad) minimize."""
+    trainer = run(cfg)
+    value = trainer.callback_metrics.get("val/loss")
+    return None if value is None else float(value)
 
 
 if __name__ == "__main__":

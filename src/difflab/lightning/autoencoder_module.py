@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from difflab.lightning.distributed import seed_this_rank
 from difflab.lightning.optimization import optimizers_from_factories
 from difflab.nn.autoencoder import Autoencoder
 
@@ -85,6 +86,9 @@ class AutoencoderModule(L.LightningModule):
         rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    def on_fit_start(self) -> None:
+        seed_this_rank(self.trainer)  # distinct posterior samples per rank
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = batch["image"]

@@ -16,6 +16,7 @@ from difflab.diffusion import DiffusionLoss, LossWeighting, NoiseSchedule, Predi
 from difflab.diffusion.editing import noise_to_start, repaint, strength_start_index
 from difflab.diffusion.guidance import ClassifierFreeGuidance, Conditioned
 from difflab.diffusion.samplers import DDIMSampler
+from difflab.lightning.distributed import seed_this_rank
 from difflab.lightning.optimization import optimizers_from_factories
 
 
@@ -102,6 +103,9 @@ class DiffusionModule(L.LightningModule):
             kwargs = {} if self.compile is True else dict(self.compile)
             self.__dict__["_compiled_network"] = torch.compile(self.network, **kwargs)
         return self.__dict__["_compiled_network"]
+
+    def on_fit_start(self) -> None:
+        seed_this_rank(self.trainer)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         condition = self.conditioner.training_condition(batch)  # null with probability drop_prob

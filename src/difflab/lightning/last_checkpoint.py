@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class LastCheckpoint(L.Callback):
 
     Under SLURM with Lightning's auto-requeue, SIGUSR1 belongs to Lightning's ``SLURMEnvironment`` (it saves an
     ``hpc_ckpt`` and requeues the job): this callback then leaves SIGUSR1 alone, so that only one party requeues.
+    Under submitit (Hydra's submitit launchers; ``SUBMITIT_EXECUTOR`` is set) requeue belongs to submitit, which
+    listens to ``SUBMITIT_PREEMPT_SIGNAL`` (USR2 by default): this callback listens to it too, writes
+    ``last.ckpt`` when training has stopped, then calls submitit's handler, which resubmits the job and exits.
     Under DDP a signal that reaches one rank stops all of them at the same step (an any-rank reduction).
     """
 
@@ -32,12 +36,24 @@ class LastCheckpoint(L.Callback):
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether training stopped on a signal (not at its end)."""
+        return self.received is not None
+
+    def listened_signals(self) -> list[str]:
+        names = list(self.signals)
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's preemption / time-out notice
+            name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+            names += [name] if name not in names else []
+        return names
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the environment Lightning's signal connector consults (single-device strategies carry none themselves)
         environment = getattr(trainer._accelerator_connector, "cluster_environment", None) or \
             getattr(trainer.strategy, "cluster_environment", None)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and getattr(environment, "auto_requeue", False)
-        for name in self.signals:
+        for name in self.listened_signals():
             if name == "SIGUSR1" and slurm_requeue:
                 continue
             signum = getattr(signal, name, None)
@@ -61,7 +77,7 @@ class LastCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # every rank calls it; rank 0 writes
         self._saved_step = trainer.global_step
         return path
 
@@ -79,6 +95,17 @@ class LastCheckpoint(L.Callback):
         return folder / "last.ckpt"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, previous in self._previous.items():
+        for signum, previous in self._previous.items():  # put back the handlers training displaced
             signal.signal(signum, previous)
         self._previous.clear()
+
+    def pass_on_signal(self) -> None:
+        """Once training has stopped and ``last.ckpt`` is written (``trainer.fit`` returned), hand the signal that
+        stopped it to the handler it displaced, if that is a Python function: submitit's, which resubmits the job
+        and exits. The default actions (terminate) are not replayed: the process ends on its own."""
+        if self.received is None:
+            return
+        signum = signal.Signals[self.received]
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)

@@ -106,6 +106,7 @@ class LatentDiffusionModule(DiffusionModule):
         return Path(self.latent_cache_dir) / f"latents_{dataset}_{digest.hexdigest()[:16]}_rank{rank}.pt"
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self._latent_cache_path = None  # a new fit may see another dataset
         datamodule = getattr(self._trainer, "datamodule", None)
         if self.cache_latents and getattr(getattr(datamodule, "dataset", None), "random_flip", False):

@@ -1,0 +1,130 @@
+"""The table of a sweep's final metrics: one row per run directory, one column per swept key and metric.
+
+Each training writes ``metrics.json`` into its run directory when it ends (see ``write_final_metrics``).
+``SweepSummary`` (a Hydra callback, in ``conf/hydra/default.yaml``) tabulates them when a multirun ends, whatever
+its launcher; ``python -m difflab.cli.sweep_summary multirun/DATE/TIME`` rebuilds the table later (e.g. after a
+SLURM sweep whose submitting process was gone before the jobs finished).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+
+
+def write_final_metrics(run_dir: str | os.PathLike, metrics: dict, global_step: int,
+                        overrides: list[str]) -> Path:
+    """``run_dir/metrics.json``: the run's last value of each logged metric, its step and its overrides."""
+    values = {}
+    for key, value in metrics.items():
+        value = float(value)
+        values[key] = value if math.isfinite(value) else str(value)  # JSON has no nan / inf
+    path = Path(run_dir) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
+                              indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def summarize(sweep_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """Write ``summary.csv`` and ``summary.md`` in ``sweep_dir`` from its runs' ``metrics.json``; return the
+    columns and rows. Columns: the run directory, the keys whose values differ between runs, the step, then the
+    metrics (``val/`` first). Runs without ``metrics.json`` (failed, preempted, still running) are listed as
+    ``unfinished`` with the overrides Hydra recorded in their ``.hydra/overrides.yaml``."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
+    runs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    records = []
+    for run in runs:
+        path = run / METRICS_FILE
+        if path.is_file():
+            record = json.loads(path.read_text())
+            records.append((run, dict(map(_split, record["overrides"])), record, "done"))
+        elif (run / ".hydra").is_dir() or (run / "checkpoints").is_dir():  # failed, preempted or still running
+            recorded = run / ".hydra" / "overrides.yaml"
+            overrides = [str(o) for o in OmegaConf.load(recorded)] if recorded.is_file() else []
+            records.append((run, dict(map(_split, overrides)), {"metrics": {}}, "unfinished"))
+    if not records:
+        raise FileNotFoundError(f"no runs in {sweep_dir} (looked for */{METRICS_FILE})")
+    keys = sorted({k for _, overrides, _, _ in records for k in overrides})
+    swept = [k for k in keys if len({overrides.get(k) for _, overrides, _, _ in records}) > 1]
+    metric_names = sorted({m for _, _, r, _ in records for m in r["metrics"]},
+                          key=lambda m: (not m.startswith("val/"), m))
+    columns = ["run", *swept, "step", *metric_names, "status"]
+    rows = []
+    for run, overrides, record, status in records:
+        row = {"run": run.name, **{k: overrides.get(k, "") for k in swept}, "step": record.get("global_step", ""),
+               "status": status}
+        row.update({m: record["metrics"].get(m, "") for m in metric_names})
+        rows.append(row)
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "summary.md").write_text(markdown_table(headline(columns), rows))
+    return columns, rows
+
+
+def headline(columns: list[str]) -> list[str]:
+    """The columns a reader compares first: all but the per-bucket losses, learning rates and gradient norm
+    (those stay in summary.csv)."""
+    return [c for c in columns if not (c.startswith(("train/loss_t", "lr-")) or c == "train/grad_norm")]
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a multirun ends, write and print the table of its runs' final metrics."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            columns, rows = summarize(sweep_dir)
+        except FileNotFoundError as err:  # e.g. every job failed: their errors were already reported
+            log.warning(f"no sweep summary: {err}")
+            return
+        log.info(f"sweep summary (all columns: {sweep_dir / 'summary.csv'}):\n"
+                 f"{markdown_table(headline(columns), rows)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m difflab.cli.sweep_summary SWEEP_DIR  (e.g. multirun/2026-11-24/10-00-00)")
+    try:
+        columns, rows = summarize(argv[0])
+    except FileNotFoundError as err:
+        sys.exit(str(err))
+    print(markdown_table(headline(columns), rows), end="")
+    print(f"written: {Path(argv[0]) / 'summary.csv'}, {Path(argv[0]) / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Sweeps: Hydra's submitit launchers, one run dir per point, the summary table; the hand-off of a preemption
+signal to submitit after the checkpoint is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+
+from difflab.cli import CONFIG_DIR
+from difflab.cli.sweep_summary import main as summary_main
+from difflab.cli.sweep_summary import summarize, write_final_metrics
+from difflab.cli.train import run
+from test_train import make_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data=digits", "network=tiny", "data.batch_size=16", "trainer.max_steps=3", "trainer.max_time=null",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+        "callbacks.sample_grid.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=3",
+        "sampler.num_steps=2"]
+
+
+def test_submitit_local_sweep_writes_every_run_dir_and_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("DIFFLAB_RUN_DIR", None)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local",
+                             f"hydra.sweep.dir={sweep}", "schedule=linear,cosine", *TINY],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    for num, schedule in ((0, "linear"), (1, "cosine")):
+        run_dir = sweep / str(num)
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert f"schedule={schedule}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        final = json.loads((run_dir / "metrics.json").read_text())
+        assert final["global_step"] == 3 and f"schedule={schedule}" in final["overrides"]
+        with open(run_dir / "csv" / "metrics.csv") as f:  # the summary's value is the logger's last one
+            logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+        assert final["metrics"]["val/loss"] == pytest.approx(logged[-1], rel=1e-6)
+    assert (sweep / ".submitit").is_dir()  # it really went through submitit
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["schedule"], r["status"]) for r in rows] == [("0", "linear", "done"), ("1", "cosine", "done")]
+    assert "data" not in rows[0]  # an override shared by every point is not a column
+    assert float(rows[0]["val/loss"]) != float(rows[1]["val/loss"])
+    assert "| run | schedule | step | val/loss" in (sweep / "summary.md").read_text()
+
+
+def test_summary_columns_are_the_swept_keys_and_unfinished_runs_are_listed(tmp_path, capsys):
+    for num, (lr, schedule, loss) in enumerate([(1e-3, "linear", 0.5), (1e-4, "linear", 0.25)]):
+        (tmp_path / str(num)).mkdir()
+        write_final_metrics(tmp_path / str(num), {"val/loss": torch.tensor(loss), "train/loss": float("nan")}, 10,
+                            [f"optim.lr={lr}", f"schedule={schedule}"])
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # started, never finished
+    (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- optim.lr=1e-5\n- schedule=linear\n")
+    (tmp_path / ".submitit").mkdir()
+    columns, rows = summarize(tmp_path)
+    assert columns == ["run", "optim.lr", "step", "val/loss", "train/loss", "status"]
+    assert [r["optim.lr"] for r in rows] == ["0.001", "0.0001", "1e-5"]
+    assert [r["val/loss"] for r in rows] == [0.5, 0.25, ""] and rows[0]["train/loss"] == "nan"
+    assert [r["status"] for r in rows] == ["done", "done", "unfinished"]
+    summary_main([str(tmp_path)])
+    assert "| 1 | 0.0001 | 10 | 0.25 | nan | done |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no runs in"):
+        summarize(tmp_path / ".submitit")
+    with pytest.raises(SystemExit, match="sweep directory not found: .*nowhere"):
+        summary_main([str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launcher_configs_compose_and_instantiate_sized_from_the_trainer(launcher):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "trainer=multinode", "trainer.num_nodes=3",
+                                          "trainer.devices=4"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    launcher_cfg = cfg.hydra.launcher
+    if launcher == "slurm":
+        assert (launcher_cfg.nodes, launcher_cfg.tasks_per_node, launcher_cfg.gpus_per_node) == (3, 4, 4)
+    assert type(instantiate(launcher_cfg)).__name__ == {"local": "LocalLauncher",
+                                                        "slurm": "SlurmLauncher"}[launcher]
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "difflab.cli.sweep_summary.SweepSummary"
+
+
+class RaiseAt(L.Callback):
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(self.signum)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
+def test_submitit_preemption_signal_is_handed_on_after_the_checkpoint(tmp_path, monkeypatch):
+    """Under submitit, the preemption signal (USR2) stops training at a step boundary, last.ckpt is written, and
+    only then submitit's handler (which resubmits and exits) is called; a preempted run writes no final metrics."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    calls = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        calls.append((signum, last.is_file() and torch.load(last, weights_only=False)["global_step"]))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        cfg = make_cfg(tmp_path, "trainer.max_steps=50", "trainer.val_check_interval=100",
+                       "callbacks.checkpoint.every_n_train_steps=100", "callbacks.sample_grid.every_n_steps=0",
+                       "+callbacks.raise_at._target_=test_sweep.RaiseAt", "+callbacks.raise_at.step=4",
+                       f"+callbacks.raise_at.signum={int(signal.SIGUSR2)}")
+        trainer = run(cfg)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # put back after training
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert trainer.global_step in (4, 5)  # the step it arrived in (or the next: callbacks run in order), not 50
+    assert calls == [(signal.SIGUSR2, trainer.global_step)]  # once, with the last step's checkpoint on disk
+    assert not (tmp_path / "metrics.json").exists()
