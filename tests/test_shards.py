@@ -61,3 +61,63 @@ def test_webdataset_datamodule_trains(shards, tmp_path):
     assert trainer.global_step == 3 and trainer.current_epoch >= 1  # two batches per epoch
     batch = next(iter(WebDataModule(shards, image_size=8, batch_size=4, num_workers=0).train_dataloader()))
     assert batch["image"].shape == (4, 3, 8, 8) and isinstance(batch["label"], torch.Tensor)
+
+
+@pytest.fixture(scope="module")
+def encoded_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoded")
+    for label, name in enumerate(["cat", "dog", "small red bird"]):
+        (root / "src" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 10), (label * 100, i * 40, 0)).save(root / "src" / name / f"{i}.png")
+    make_shards([str(root / "src"), str(root / "shards"), "--shard-size", "5", "--text-encoder", "minilm"])
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def text_conditioner():
+    from difflab.conditioning import TextConditioner, minilm
+
+    return TextConditioner(minilm(), drop_prob=0.0, cache=False)
+
+
+def test_precomputed_caption_encodings_equal_encoding_at_train_time(encoded_shards, text_conditioner):
+    loader = torch.utils.data.DataLoader(ShardedImages(encoded_shards, image_size=8, text_length=16), batch_size=6)
+    batches = list(loader)
+    assert sum(len(b["caption"]) for b in batches) == 12
+    for batch in batches:
+        assert batch["context"].shape == (len(batch["caption"]), 16, 384)
+        stored = text_conditioner(batch)  # the batch's own encodings, trimmed to its longest caption
+        online = text_conditioner.encode(list(batch["caption"]))
+        assert torch.equal(stored["context_mask"], online["context_mask"])
+        real = online["context_mask"][..., None]
+        torch.testing.assert_close(stored["context"] * real, online["context"] * real, rtol=0, atol=4e-3)  # float16
+        torch.testing.assert_close(stored["cond"], online["cond"], rtol=0, atol=2e-3)
+    assert {int(b["context_mask"].sum(1).max()) for b in batches} != {16}  # trimmed, not padded to text_length
+
+
+def test_precomputed_encodings_of_another_width_are_refused(encoded_shards):
+    from difflab.conditioning import TextConditioner
+
+    class Narrow:  # an encoder of 8-dimensional states
+        dim = 8
+
+    batch = next(iter(torch.utils.data.DataLoader(ShardedImages(encoded_shards, image_size=8), batch_size=2)))
+    with pytest.raises(ValueError, match="384-dimensional but this run's text encoder gives 8.*--text-encoder"):
+        TextConditioner(Narrow())(batch)
+
+
+def test_training_on_precomputed_encodings_never_encodes_a_caption(encoded_shards, tmp_path, monkeypatch):
+    from difflab.cli.train import run
+    from difflab.conditioning import TextEncoder
+    from test_train import make_cfg
+
+    encoded = []
+    original = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts: encoded.extend(texts) or original(self, texts))
+    trainer = run(make_cfg(tmp_path, "data=webdataset", f"data.train_urls={encoded_shards}", "data.num_workers=0",
+                           "data.image_size=8", "data.batch_size=4", "data.epoch_length=8", "conditioning=text",
+                           "trainer.max_steps=3"))
+    assert trainer.global_step == 3
+    captions = {"a photo of a cat", "a photo of a dog", "a photo of a small red bird"}
+    assert encoded and not captions & set(encoded)  # only the null and the preview prompts were encoded

@@ -125,3 +125,26 @@ def test_submitit_preemption_signal_is_handed_on_after_the_checkpoint(tmp_path, 
     assert trainer.global_step in (4, 5)  # the step it arrived in (or the next: callbacks run in order), not 50
     assert calls == [(signal.SIGUSR2, trainer.global_step)]  # once, with the last step's checkpoint on disk
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_slurm_launcher_submits_one_array_sized_from_the_trainer(tmp_path):
+    """hydra/launcher=slurm up to the sbatch call (a fake sbatch keeps the script and refuses): nodes, tasks and
+    GPUs per node from the trainer config, submitit's preemption signal, one array task per sweep point."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "sbatch: no cluster" >&2\n'
+                                    "exit 1\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it exists
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}", "trainer=multinode", "trainer.num_nodes=2",
+                             "trainer.devices=4", "hydra.launcher.partition=gpu", "schedule=linear,cosine"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "sbatch: no cluster" in result.stderr + result.stdout
+    script = (tmp_path / "submitted.sh").read_text()
+    for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=240",
+                 "--signal=USR2@120", "--array=0-1%2", "--cpus-per-task=8", "--requeue"):
+        assert f"#SBATCH {flag}\n" in script, (flag, script)
+    assert "srun" in script and "SUBMITIT_EXECUTOR=slurm" in script

@@ -141,7 +141,22 @@ class TextConditioner(Conditioner):
         return condition
 
     def forward(self, batch: dict) -> Condition:
+        if "context" in batch:  # encodings precomputed into the data (make_shards --text-encoder)
+            return self.precomputed(batch)
         return self.encode(list(batch["caption"]), device=batch["image"].device)
+
+    def precomputed(self, batch: dict) -> Condition:
+        """The batch's own ``context`` (B, L, D) / ``context_mask`` / ``cond``, trimmed to its longest caption."""
+        context, mask = batch["context"], batch["context_mask"].bool()
+        if context.shape[-1] != self.dim:
+            raise ValueError(f"the data's precomputed caption encodings are {context.shape[-1]}-dimensional but this "
+                             f"run's text encoder gives {self.dim}: choose the text_encoder that wrote the shards, "
+                             "or write them again (python -m difflab.data.make_shards SRC DST --text-encoder NAME)")
+        length = max(int(mask.sum(1).max()), 1)
+        condition = {"context": context[:, :length].float(), "context_mask": mask[:, :length]}
+        if self.pooled:
+            condition["cond"] = batch["cond"].float()
+        return condition
 
     def null(self, n: int, device: torch.device | str = "cpu") -> Condition:
         return self.encode([""] * n, device)

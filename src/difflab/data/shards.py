@@ -3,7 +3,11 @@
     python -m difflab.data.make_shards SRC DST [--shard-size 1000]     # SRC: an image folder (see ImageFolder)
     python train.py data=webdataset data.train_urls=DST data.num_classes=10
 
-Each sample is ``<key>.png`` (the image), ``<key>.txt`` (its caption) and ``<key>.cls`` (its label, -1 if none).
+Each sample is ``<key>.png`` (the image), ``<key>.txt`` (its caption) and ``<key>.cls`` (its label, -1 if none);
+with ``--text-encoder NAME`` (a conf/text_encoder option) also the caption's encoding, computed once when the
+shards are written instead of at every step: ``<key>.text.npy`` (its tokens' hidden states, float16, (L, D)) and
+``<key>.pooled.npy`` (D,). Batches then carry ``context`` / ``context_mask`` / ``cond``, which the text
+conditioner uses as they are (``conditioning=text``; the run's text encoder must be the one that wrote them).
 Training reads shards resampled with replacement, independently per rank and worker, with a fixed number of
 samples per epoch (webdataset's recommended multi-node setup: no rank waits for another's shorter epoch);
 evaluation reads every sample exactly once, shards split across ranks and then workers.
@@ -21,8 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
 
-def write_shards(source: str | Path, destination: str | Path, shard_size: int = 1000) -> list[Path]:
-    """Write the images of an image folder (class subfolders or metadata.jsonl) to DST/shard-XXXXXX.tar."""
+def write_shards(source: str | Path, destination: str | Path, shard_size: int = 1000, text_encoder=None,
+                 encode_batch: int = 256) -> list[Path]:
+    """Write the images of an image folder (class subfolders or metadata.jsonl) to DST/shard-XXXXXX.tar; with
+    ``text_encoder`` (a ``difflab.conditioning.TextEncoder``) each caption's encoding too, in batches of
+    ``encode_batch`` captions."""
     import webdataset as wds
     from PIL import Image
 
@@ -31,14 +38,30 @@ def write_shards(source: str | Path, destination: str | Path, shard_size: int = 
     folder = ImageFolder(source, image_size=8)  # only its file list and captions are used
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
+    items = [(path, label, text if label == NO_LABEL else f"a photo of a {text}")
+             for path, label, text in folder.items]
     with wds.ShardWriter(str(destination / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for index, (path, label, text) in enumerate(folder.items):
-            buffer = io.BytesIO()
-            with Image.open(path) as image:
-                image.save(buffer, format="PNG")
-            caption = text if label == NO_LABEL else f"a photo of a {text}"
-            sink.write({"__key__": f"{index:09d}", "png": buffer.getvalue(), "txt": caption, "cls": label})
+        for start in range(0, len(items), encode_batch):
+            chunk = items[start:start + encode_batch]
+            encodings = _encode_captions(text_encoder, [caption for _, _, caption in chunk])
+            for offset, (path, label, caption) in enumerate(chunk):
+                buffer = io.BytesIO()
+                with Image.open(path) as image:
+                    image.save(buffer, format="PNG")
+                sample = {"__key__": f"{start + offset:09d}", "png": buffer.getvalue(), "txt": caption, "cls": label}
+                if encodings is not None:
+                    sample["text.npy"], sample["pooled.npy"] = encodings[offset]
+                sink.write(sample)
     return sorted(destination.glob("shard-*.tar"))
+
+
+def _encode_captions(text_encoder, captions: list[str]):
+    """[(hidden states (L_i, D) trimmed to the caption's tokens, pooled (D,)), ...] as float16 arrays."""
+    if text_encoder is None:
+        return None
+    hidden, mask, pooled = text_encoder.encode(captions)
+    lengths = mask.sum(1).tolist()
+    return [(hidden[i, :n].half().cpu().numpy(), pooled[i].half().cpu().numpy()) for i, n in enumerate(lengths)]
 
 
 def shard_urls(urls: str | list[str]) -> list[str]:
@@ -67,8 +90,9 @@ class ShardedImages(IterableDataset):
     worker (seeded), cut into epochs of ``epoch_length`` samples per process; otherwise each sample once."""
 
     def __init__(self, urls: str | list[str], image_size: int = 32, channels: int = 3, resampled: bool = False,
-                 epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000):
+                 epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, text_length: int = 77):
         super().__init__()
+        self.text_length = text_length  # precomputed caption encodings are padded to this many tokens
         self.urls = shard_urls(urls)
         self.image_size, self.channels = image_size, channels
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
@@ -83,8 +107,15 @@ class ShardedImages(IterableDataset):
         from torchvision.transforms.v2.functional import pil_to_tensor
 
         image = sample["png"].convert("L" if self.channels == 1 else "RGB")
-        return {"image": self.transform(pil_to_tensor(image)), "label": int(sample["cls"]),
-                "caption": sample["txt"], "key": sample["__key__"]}
+        out = {"image": self.transform(pil_to_tensor(image)), "label": int(sample["cls"]),
+               "caption": sample["txt"], "key": sample["__key__"]}
+        if "text.npy" in sample:  # the caption's precomputed encoding, padded so that batches stack
+            hidden = torch.from_numpy(sample["text.npy"]).float()[: self.text_length]
+            out["context"] = hidden.new_zeros(self.text_length, hidden.shape[-1])
+            out["context"][: len(hidden)] = hidden
+            out["context_mask"] = torch.arange(self.text_length) < len(hidden)
+            out["cond"] = torch.from_numpy(sample["pooled.npy"]).float()
+        return out
 
     def pipeline(self):
         import webdataset as wds
@@ -114,13 +145,13 @@ class WebDataModule(L.LightningDataModule):
 
     def __init__(self, train_urls: str | list[str], val_urls: str | list[str] | None = None, image_size: int = 32,
                  channels: int = 3, batch_size: int = 64, epoch_length: int = 10000, seed: int = 0,
-                 num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0):
+                 num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0, text_length: int = 77):
         super().__init__()
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.num_workers, self.num_classes, self.split_seed = num_workers, num_classes, split_seed
         self.train_set = ShardedImages(train_urls, image_size, channels, resampled=True, epoch_length=epoch_length,
-                                       seed=seed)
-        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels)
+                                       seed=seed, text_length=text_length)
+        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels, text_length=text_length)
         self.dataset = self.train_set
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
