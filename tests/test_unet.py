@@ -158,6 +158,38 @@ def test_channels_first_attention_chunks_agree_with_one_chunk(monkeypatch):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
 
 
+def test_kept_probabilities_give_the_recomputed_gradients_even_when_a_block_runs_twice():
+    """The probability store (reused buffer) and the recomputing backward agree, also when one block runs twice
+    in a graph (the second forward must not overwrite what the first one's backward reads)."""
+    import copy
+    import pickle
+
+    from difflab.nn import SelfAttentionBlock
+
+    torch.manual_seed(0)
+    block = SelfAttentionBlock(16, 2, groups=8, implementation="channels_first").double()
+    torch.nn.init.normal_(block.proj.weight, std=0.3)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for budget in (1 << 30, 0):  # kept, recomputed
+        block.probability_store.budget_bytes = budget
+        out = block(block(x))
+        results.append(torch.autograd.grad(out.square().sum(), [x, *block.parameters()]))
+    for kept, recomputed in zip(*results, strict=True):
+        torch.testing.assert_close(kept, recomputed, rtol=0, atol=1e-12)
+    store = block.probability_store
+    store.budget_bytes = 1 << 30
+    block(x).sum().backward()
+    buffer = store.buffer
+    assert buffer is not None and store.borrower is None  # returned by the backward
+    out = block(x)
+    del out  # a graph freed without a backward returns the buffer too
+    block(x).sum().backward()
+    assert store.buffer is buffer  # allocated once, reused
+    for clone in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):  # EMA copies, spawn
+        assert clone.probability_store.buffer is None
+
+
 def test_unknown_attention_implementation_lists_valid_ones():
     from difflab.nn import SelfAttentionBlock
 

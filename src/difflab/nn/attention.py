@@ -7,6 +7,9 @@ device has them), except the UNet's spatial self-attention on CPU, which uses :c
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -32,54 +35,93 @@ def _chunk_size(queries: int, keys: int) -> int:
     return max(1, (1 << 20) // (queries * keys))
 
 
+class ProbabilityStore:
+    """Where :class:`ChannelsFirstAttention` keeps a block's softmax probabilities from the forward to the backward,
+    one per attention block, reused step after step. Why: recomputing them in the backward costs as much as the
+    forward's softmax (its ``exp`` is the largest part of this attention on CPU), and a fresh (heads, N, N) tensor
+    each step costs more in page faults than the recomputation saves; a buffer allocated once costs neither
+    (benchmark block: 71 ms forward + backward against 89 ms recomputing). The buffer is lent to one forward at a
+    time (its graph's backward, or that graph being freed, returns it); a second forward before then gets a
+    fresh tensor, and probabilities over ``budget_bytes`` are recomputed instead of stored."""
+
+    def __init__(self, budget_bytes: int = 256 << 20):
+        self.budget_bytes = budget_bytes
+        self.buffer: Tensor | None = None
+        self.borrower = None  # weak reference to the autograd context holding the buffer
+
+    def lend(self, ctx, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+        if math.prod(shape) * like.element_size() > self.budget_bytes:
+            return None
+        if self.borrower is not None and self.borrower() is not None:  # in use by a graph not yet backpropagated
+            return like.new_empty(shape)
+        if self.buffer is None or self.buffer.shape != shape or self.buffer.dtype != like.dtype \
+                or self.buffer.device != like.device:
+            self.buffer = like.new_empty(shape)
+        self.borrower = weakref.ref(ctx)
+        return self.buffer
+
+    def give_back(self, ctx) -> None:
+        if self.borrower is not None and self.borrower() is ctx:
+            self.borrower = None
+
+    def __getstate__(self) -> dict:  # copies (EMA, pickling) start empty: the buffer is a cache
+        return {"budget_bytes": self.budget_bytes, "buffer": None, "borrower": None}
+
+    def __deepcopy__(self, memo) -> ProbabilityStore:
+        return ProbabilityStore(self.budget_bytes)
+
+
 class ChannelsFirstAttention(torch.autograd.Function):
     """Softmax attention on packed channels-first heads: ``qkv: (BH, 3D, N)`` (q, k, v of a head stacked
     along the channels, ADM's ``(heads 3 d)`` layout) -> ``(BH, D, N)``.
 
     ``out = v @ softmax(scale * q^T k)^T`` per head, as ADM's ``QKVAttentionLegacy`` (Dhariwal & Nichol 2021).
     Why hand-written: on CPU, SDPA's flash kernel and its math path are slow at the small heads of pixel UNets
-    (8 channels per head at 16x16, batch 64: ~220 ms forward + backward per block, a third of a training step
-    of the benchmark UNet). Here every product whose output has D rows is taken as ``(D, .) @ (., .)`` (4-5x faster
-    in BLAS than ``(., .) @ (., D)``); the heads run in chunks whose score matrix stays in cache, in buffers
-    allocated once; the packed layout needs no copies in or out; and the backward recomputes the
-    probabilities per chunk instead of storing them (as flash attention does). Agreement with SDPA is tested.
+    (8 channels per head at 16x16, batch 64: 132 ms forward + backward per block, against 71 ms here). Every
+    product whose output has D rows is taken as ``(D, .) @ (., .)`` (4-5x faster in BLAS than ``(., .) @ (., D)``);
+    the heads run in chunks whose score matrix stays in cache, in buffers allocated once; the packed layout needs
+    no copies in or out; the probabilities are kept for the backward in a ``ProbabilityStore`` (or recomputed per
+    chunk, as flash attention does, without one or over its budget). Agreement with SDPA is tested.
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, scale: float) -> Tensor:
+    def forward(ctx, qkv: Tensor, scale: float, store: ProbabilityStore | None = None) -> Tensor:
         q, k, v = qkv.chunk(3, dim=1)
         out = q.new_empty(q.shape)
+        kept = store.lend(ctx, (q.shape[0], q.shape[-1], k.shape[-1]), q) \
+            if store is not None and ctx.needs_input_grad[0] else None
         for i, j, buffers in _chunks(q, k):
-            probs = _probabilities(q[i:j], k[i:j], scale, buffers)
+            probs = _probabilities(q[i:j], k[i:j], scale, buffers, None if kept is None else kept[i:j])
             torch.bmm(v[i:j], probs.mT, out=out[i:j])
-        ctx.save_for_backward(qkv)
-        ctx.scale = scale
+        ctx.save_for_backward(qkv, out, kept)
+        ctx.scale, ctx.store = scale, store
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (qkv,) = ctx.saved_tensors
+        qkv, out, kept = ctx.saved_tensors
         scale = ctx.scale
         q, k, v = qkv.chunk(3, dim=1)
         grad_out = grad_out.contiguous()
+        # Softmax backward: dS = scale * P * (dP - rowsum(dP * P)) with dP = dO^T v. As in flash attention
+        # (Dao et al. 2022, appendix B.2), rowsum(dP * P) = colsum(dO * O) over the head's D channels: a (D, N)
+        # product instead of three passes over the (N, N) scores. ``scale`` is folded into a scaled copy of dO
+        # (D x N) rather than applied to dS (N x N).
+        rows = (grad_out * out).sum(1, keepdim=True).mT.mul_(scale)  # (BH, N, 1)
+        scaled_grad = grad_out * scale
         # Separate contiguous gradients, concatenated at the end: bmm into a strided slice of one packed
         # gradient falls back to a per-matrix loop (3x slower).
         dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-        ds_buffer, row_buffer = None, None
         for i, j, buffers in _chunks(q, k):
-            probs = _probabilities(q[i:j], k[i:j], scale, buffers)
-            do = grad_out[i:j]
-            torch.bmm(do, probs, out=dv[i:j])
-            # Softmax backward: dS = P * (dP - rowsum(dP * P)) with dP = dO^T v, in reused buffers.
-            if ds_buffer is None:
-                ds_buffer, row_buffer = torch.empty_like(probs), probs.new_empty(probs.shape[:-1] + (1,))
-            ds, rows = ds_buffer[: j - i], row_buffer[: j - i]
-            torch.bmm(do.mT, v[i:j], out=ds)
-            torch.sum(buffers[0].copy_(ds).mul_(probs), -1, keepdim=True, out=rows)
-            ds.sub_(rows).mul_(probs).mul_(scale)
+            probs = kept[i:j] if kept is not None else _probabilities(q[i:j], k[i:j], scale, buffers)
+            torch.bmm(grad_out[i:j], probs, out=dv[i:j])
+            ds = torch.bmm(scaled_grad[i:j].mT, v[i:j], out=buffers[0])  # scale * dP, in the free score buffer
+            ds.sub_(rows[i:j]).mul_(probs)
             torch.bmm(k[i:j], ds.mT, out=dq[i:j])
             torch.bmm(q[i:j], ds, out=dk[i:j])
-        return torch.cat((dq, dk, dv), dim=1), None
+        if ctx.store is not None:
+            ctx.store.give_back(ctx)
+        return torch.cat((dq, dk, dv), dim=1), None, None
 
 
 def _chunks(q: Tensor, k: Tensor):
@@ -93,11 +135,11 @@ def _chunks(q: Tensor, k: Tensor):
         yield i, j, buffers[:, : j - i]
 
 
-def _probabilities(q: Tensor, k: Tensor, scale: float, buffers: Tensor) -> Tensor:
-    """softmax(scale * q^T k) over the keys into ``buffers[1]``; ``buffers[0]`` is left free as scratch."""
-    scores, probs = buffers[0], buffers[1]
+def _probabilities(q: Tensor, k: Tensor, scale: float, buffers: Tensor, out: Tensor | None = None) -> Tensor:
+    """softmax(scale * q^T k) over the keys into ``out`` (default ``buffers[1]``); ``buffers[0]`` is scratch."""
+    scores = buffers[0]
     torch.baddbmm(scores, q.mT, k, beta=0, alpha=scale, out=scores)
-    return torch.softmax(scores, -1, out=probs)
+    return torch.softmax(scores, -1, out=buffers[1] if out is None else out)
 
 
 class Attention(nn.Module):
@@ -140,6 +182,7 @@ class SelfAttentionBlock(nn.Module):
         self.norm = group_norm(channels, groups)
         self.qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.proj = zero_module(nn.Linear(channels, channels))
+        self.probability_store = ProbabilityStore()  # channels_first: the softmax kept for the backward
 
     def forward(self, x: Tensor, emb: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None) -> Tensor:
@@ -148,8 +191,11 @@ class SelfAttentionBlock(nn.Module):
         if impl == "auto":
             impl = "channels_first" if x.device.type == "cpu" and c // self.heads <= 8 else "sdpa"
         if impl == "channels_first":
-            qkv = torch.matmul(self.qkv.weight.to(x.dtype), self.norm(x).flatten(2))  # (B, 3C, HW)
-            out = ChannelsFirstAttention.apply(qkv.view(b * self.heads, -1, h * w), (c // self.heads) ** -0.5)
+            # (B, 3C, HW) as one batched product: a broadcast matmul runs as one big mm on transposed operands
+            # and copies its output back to this layout (forward and backward; 1.6x slower)
+            qkv = torch.bmm(self.qkv.weight.to(x.dtype).expand(b, 3 * c, c), self.norm(x).flatten(2))
+            out = ChannelsFirstAttention.apply(qkv.view(b * self.heads, -1, h * w), (c // self.heads) ** -0.5,
+                                               self.probability_store)
             out = torch.baddbmm(self.proj.bias[:, None].to(x.dtype), self.proj.weight.to(x.dtype).expand(b, c, c),
                                 out.view(b, c, h * w))
             return x + out.view(b, c, h, w)
