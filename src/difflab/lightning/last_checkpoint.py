@@ -32,14 +32,15 @@ class LastCheckpoint(L.Callback):
         self.received: str | None = None
         self._previous: dict[int, object] = {}
         self._saved_step = -1
+        self._stopped = False
 
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
     @property
     def interrupted(self) -> bool:
-        """Whether training stopped on a signal (not at its end)."""
-        return self.received is not None
+        """Whether training stopped on a signal, to this rank or another (not at its end)."""
+        return self.received is not None or self._stopped
 
     def listened_signals(self) -> list[str]:
         names = list(self.signals)
@@ -70,6 +71,7 @@ class LastCheckpoint(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(torch.tensor(stop), all=False)
         if not stop:
             return
+        self._stopped = True
         path = self.save(trainer)
         rank_zero_info(f"{self.received or 'a signal on another rank'}: saved {path} at step {trainer.global_step}; "
                        "restart with ckpt_path=auto in the same run directory to continue")
