@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,7 @@ from hydra.utils import instantiate
 from difflab.cli import CONFIG_DIR
 from difflab.cli.sweep_summary import main as summary_main
 from difflab.cli.sweep_summary import summarize, write_final_metrics
-from difflab.cli.train import run
+from difflab.cli.train import run, stopped_by_signal
 from test_train import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +94,16 @@ def test_launcher_configs_compose_and_instantiate_sized_from_the_trainer(launche
 
 
 class RaiseAt(L.Callback):
-    def __init__(self, step: int, signum: int):
-        self.step, self.signum = step, signum
+    """Raises ``signum`` at the end of step ``step``, then (``busy_s``) keeps the step from ending for a while, as
+    a long validation or FID evaluation would."""
+
+    def __init__(self, step: int, signum: int, busy_s: float = 0.0):
+        self.step, self.signum, self.busy_s = step, signum, busy_s
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             signal.raise_signal(self.signum)
+            time.sleep(self.busy_s)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
@@ -148,3 +153,43 @@ def test_slurm_launcher_submits_one_array_sized_from_the_trainer(tmp_path):
                  "--signal=USR2@120", "--array=0-1%2", "--cpus-per-task=8", "--requeue"):
         assert f"#SBATCH {flag}\n" in script, (flag, script)
     assert "srun" in script and "SUBMITIT_EXECUTOR=slurm" in script
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
+def test_submitit_gets_the_signal_in_time_when_the_step_does_not_end(tmp_path, monkeypatch):
+    """A step kept busy past handoff_timeout_s (validation, FID): submitit's handler is called at once (requeue from
+    the last periodic checkpoint) and only once, though training then stops and writes last.ckpt as usual."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(last.is_file()))
+    try:
+        trainer = run(make_cfg(tmp_path, "trainer.max_steps=50", "trainer.val_check_interval=100",
+                               "callbacks.checkpoint.every_n_train_steps=100", "callbacks.sample_grid.every_n_steps=0",
+                               "+callbacks.last_checkpoint.handoff_timeout_s=0.2",
+                               "+callbacks.raise_at._target_=test_sweep.RaiseAt", "+callbacks.raise_at.step=3",
+                               f"+callbacks.raise_at.signum={int(signal.SIGUSR2)}", "+callbacks.raise_at.busy_s=1.0"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [False]  # during the busy step, before any checkpoint; not again after fit
+    assert trainer.global_step < 50 and last.is_file()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_stopped_run_puts_back_the_handlers_it_found_and_leaves_no_final_metrics(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    (tmp_path / "metrics.json").write_text("{}")  # from an earlier run in this directory
+    trainer = run(make_cfg(tmp_path, "trainer.max_steps=50", "trainer.val_check_interval=100",
+                           "callbacks.checkpoint.every_n_train_steps=100", "callbacks.sample_grid.every_n_steps=0",
+                           "+callbacks.raise_at._target_=test_sweep.RaiseAt", "+callbacks.raise_at.step=2",
+                           f"+callbacks.raise_at.signum={int(signal.SIGTERM)}"))
+    assert trainer.global_step < 50 and stopped_by_signal(trainer) is not None
+    assert {s: signal.getsignal(s) for s in before} == before  # not Lightning's, not ours
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resuming_a_run_with_another_config_says_what_changed(tmp_path):
+    run(make_cfg(tmp_path, "trainer.max_steps=2"))
+    with pytest.warns(UserWarning, match=r"config differs from this one: trainer.max_steps: 2 -> 4"):
+        trainer = run(make_cfg(tmp_path, "trainer.max_steps=4"))  # ckpt_path=auto: continues
+    assert trainer.global_step == 4

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import CONFIG_DIR
-from difflab.cli.sweep_summary import write_final_metrics
+from difflab.cli.sweep_summary import METRICS_FILE, write_final_metrics
 from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
 
@@ -47,11 +48,36 @@ def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     return cfg.ckpt_path
 
 
+def warn_if_config_changed(previous: DictConfig, cfg: DictConfig) -> None:
+    """ckpt_path=auto resumes whatever this run directory holds: say so when its run had another config (a longer
+    ``trainer.max_steps`` is a usual reason; a reused directory for another experiment is not)."""
+    before = _flatten(OmegaConf.to_container(previous, resolve=False))
+    after = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and not k.startswith(("paths.", "ckpt_path")))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        rank_zero_warn(f"resuming a run whose config differs from this one: {shown}{more}. To start afresh, "
+                       "use another run directory or ckpt_path=null.")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
 def task_overrides() -> list[str]:
     """The command line's overrides of this job (a multirun: this point's), as Hydra recorded them."""
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def stopped_by_signal(trainer: L.Trainer) -> LastCheckpoint | None:
+    """The callback that stopped training on a preemption signal, if one did."""
+    return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.interrupted), None)
 
 
 def run(cfg: DictConfig) -> L.Trainer:
@@ -63,14 +89,19 @@ def run(cfg: DictConfig) -> L.Trainer:
     model, datamodule, trainer = build(cfg)
     ckpt_path = resume_path(cfg, trainer)
     os.makedirs(trainer.default_root_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(trainer.default_root_dir, "config.yaml"), resolve=True)
+    config_file = os.path.join(trainer.default_root_dir, "config.yaml")
+    if ckpt_path is not None and cfg.ckpt_path == "auto" and os.path.isfile(config_file):
+        warn_if_config_changed(OmegaConf.load(config_file), cfg)
+    OmegaConf.save(cfg, config_file, resolve=True)
+    if trainer.is_global_zero:  # a finished run writes it again; a stale one would read as this run's result
+        Path(trainer.default_root_dir, METRICS_FILE).unlink(missing_ok=True)
     for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
         logger.log_hyperparams(model.run_config)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb_runs(trainer.loggers)
-    stopped = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.interrupted), None)
+    stopped = stopped_by_signal(trainer)
     if stopped is not None:  # preempted: last.ckpt is written; the signal's owner (submitit: requeue) acts now
         stopped.pass_on_signal()
     elif trainer.is_global_zero:  # a finished run's final metrics, for sweep summaries
@@ -84,7 +115,8 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the final ``val/loss``: the objective Hydra's optimizing sweepers (Optuna, Ax, Nevergrad) minimize."""
     trainer = run(cfg)
     value = trainer.callback_metrics.get("val/loss")
-    return None if value is None else float(value)
+    # a preempted run has no final value: an optimizing sweeper must not score it
+    return None if value is None or stopped_by_signal(trainer) is not None else float(value)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.diffusion import NoiseSchedule
+from difflab.lightning.distributed import seed_this_rank
 from difflab.lightning.optimization import optimizers_from_factories
 
 
@@ -38,6 +39,9 @@ class NoisyClassifierModule(L.LightningModule):
                           device=gen_device).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
         return self.schedule.add_noise(x0, noise, t), t, labels
+
+    def on_fit_start(self) -> None:
+        seed_this_rank(self.trainer)  # distinct noise and timesteps per rank
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x_t, t, labels = self._noisy(batch)

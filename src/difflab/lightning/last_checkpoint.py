@@ -23,19 +23,39 @@ class LastCheckpoint(L.Callback):
     ``hpc_ckpt`` and requeues the job): this callback then leaves SIGUSR1 alone, so that only one party requeues.
     Under submitit (Hydra's submitit launchers; ``SUBMITIT_EXECUTOR`` is set) requeue belongs to submitit, which
     listens to ``SUBMITIT_PREEMPT_SIGNAL`` (USR2 by default): this callback listens to it too, writes
-    ``last.ckpt`` when training has stopped, then calls submitit's handler, which resubmits the job and exits.
+    ``last.ckpt`` when training has stopped, then calls submitit's handler, which resubmits the job and exits. If
+    the step does not end within ``handoff_timeout_s`` (a long validation or FID evaluation), submitit's handler
+    is called at once: the job is resubmitted from the last periodic checkpoint rather than killed unrequeued.
     Under DDP a signal that reaches one rank stops all of them at the same step (an any-rank reduction).
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")):
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), handoff_timeout_s: float = 60.0):
         self.signals = tuple(signals)
+        self.handoff_timeout_s = handoff_timeout_s
         self.received: str | None = None
-        self._previous: dict[int, object] = {}
+        self._original: dict[int, object] = {}  # the handlers before Lightning's and ours
+        self._installed: list[int] = []
         self._saved_step = -1
         self._stopped = False
+        self._handed_off = False
+        self._alarm_previous = None
 
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        if signum == self._submitit_signal() and self.handoff_timeout_s and hasattr(signal, "setitimer"):
+            self._alarm_previous = signal.signal(signal.SIGALRM, self._deadline)
+            signal.setitimer(signal.ITIMER_REAL, self.handoff_timeout_s)
+
+    def _deadline(self, signum, frame) -> None:
+        """The step did not end in time: let submitit requeue now, from the last periodic checkpoint."""
+        self._hand_off()
+
+    @staticmethod
+    def _submitit_signal() -> int | None:
+        if not os.environ.get("SUBMITIT_EXECUTOR"):
+            return None
+        name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+        return getattr(signal, name, None)
 
     @property
     def interrupted(self) -> bool:
@@ -44,10 +64,15 @@ class LastCheckpoint(L.Callback):
 
     def listened_signals(self) -> list[str]:
         names = list(self.signals)
-        if os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's preemption / time-out notice
-            name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-            names += [name] if name not in names else []
+        submitit = self._submitit_signal()  # submitit's preemption / time-out notice
+        if submitit is not None and signal.Signals(submitit).name not in names:
+            names.append(signal.Signals(submitit).name)
         return names
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before Lightning installs its own handlers (it puts these back when fit ends, before our teardown)
+        self._original = {getattr(signal, name): signal.getsignal(getattr(signal, name))
+                          for name in self.listened_signals() if hasattr(signal, name)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the environment Lightning's signal connector consults (single-device strategies carry none themselves)
@@ -61,9 +86,10 @@ class LastCheckpoint(L.Callback):
             if signum is None:  # e.g. SIGUSR1 on Windows
                 continue
             try:
-                self._previous[signum] = signal.signal(signum, self._handler)
+                signal.signal(signum, self._handler)
             except ValueError:  # not the main thread: signals cannot be caught here
                 return
+            self._installed.append(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         stop = self.received is not None
@@ -97,17 +123,27 @@ class LastCheckpoint(L.Callback):
         return folder / "last.ckpt"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, previous in self._previous.items():  # put back the handlers training displaced
-            signal.signal(signum, previous)
-        self._previous.clear()
+        for signum in self._installed:  # where ours is still in place, put back what was there before fit
+            if signal.getsignal(signum) == self._handler and signum in self._original:
+                signal.signal(signum, self._original[signum])
+        self._installed.clear()
 
     def pass_on_signal(self) -> None:
-        """Once training has stopped and ``last.ckpt`` is written (``trainer.fit`` returned), hand the signal that
-        stopped it to the handler it displaced, if that is a Python function: submitit's, which resubmits the job
-        and exits. The default actions (terminate) are not replayed: the process ends on its own."""
-        if self.received is None:
+        """Once training has stopped and ``last.ckpt`` is written (``trainer.fit`` returned), hand submitit's
+        preemption signal to submitit's handler, which resubmits the job and exits. Other signals are not passed
+        on: training stopped cleanly and the process ends on its own."""
+        if self.received is not None and signal.Signals[self.received] == self._submitit_signal():
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        if self._handed_off:
             return
-        signum = signal.Signals[self.received]
-        handler = signal.getsignal(signum)
+        self._handed_off = True
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if self._alarm_previous is not None:
+                signal.signal(signal.SIGALRM, self._alarm_previous)
+        signum = self._submitit_signal()
+        handler = self._original.get(signum)
         if callable(handler):
             handler(signum, None)
