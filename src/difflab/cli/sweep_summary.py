@@ -19,6 +19,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.files import atomic_write
+
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
@@ -31,10 +33,9 @@ def write_final_metrics(run_dir: str | os.PathLike, metrics: dict, global_step: 
         value = float(value)
         values[key] = value if math.isfinite(value) else str(value)  # JSON has no nan / inf
     path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
-                              indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
+                                  indent=2) + "\n")
     return path
 
 

@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from difflab.files import atomic_write
+
 
 class Periodic(L.Callback):
     """Calls ``run(trainer, pl_module)`` every ``every_n_steps`` optimizer steps (0: never) and once more at the
@@ -56,10 +58,7 @@ class SampleGrid(Periodic):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         # every rank samples: no collective may run on rank 0 alone
         samples = pl_module.preview(self.num_samples, generator=generator)
-        return None if samples is None else self._save(trainer, samples)
-
-    def _save(self, trainer: L.Trainer, samples: torch.Tensor) -> Path | None:
-        return save_and_log_grid(trainer, samples, self.dirname, "samples")
+        return None if samples is None else save_and_log_grid(trainer, samples, self.dirname, "samples")
 
 
 @rank_zero_only
@@ -68,10 +67,8 @@ def save_and_log_grid(trainer: L.Trainer, images: torch.Tensor, dirname: str, ke
     (atomically) and hand it to the loggers that take images (W&B, TensorBoard) under ``key``."""
     grid = make_grid((images.float().cpu() + 1) / 2, nrow=int(len(images) ** 0.5), padding=2, pad_value=1.0)
     path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)  # atomic: a viewer never sees a half-written grid
+    with atomic_write(path) as tmp:  # a viewer never sees a half-written grid
+        save_image(grid, tmp)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):  # W&B
             logger.log_image(key, [grid], step=trainer.global_step)

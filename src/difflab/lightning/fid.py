@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.metrics.features import feature_statistics
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
@@ -72,10 +73,8 @@ class FIDCallback(Periodic):
         images = torch.stack([train_set[int(i)]["image"] for i in order])
         stats = feature_statistics(self.extractor, images, self.batch_size)
         if trainer.is_global_zero:  # every rank computed the same statistics; one writes them, atomically
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(stats.state_dict(), tmp)
-            tmp.replace(path)
+            with atomic_write(path) as tmp:
+                torch.save(stats.state_dict(), tmp)
         return stats
 
     def sample_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FeatureStatistics, Tensor]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from difflab.files import atomic_write
 from difflab.latent.first_stage import FirstStage
 from difflab.lightning.diffusion_module import DiffusionModule
 
@@ -125,13 +126,11 @@ class LatentDiffusionModule(DiffusionModule):
     def on_train_epoch_end(self) -> None:
         if self.latent_cache_dir is None or len(self._latent_cache) == self._saved_cache_size:
             return
-        path = self.latent_cache_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         indices = sorted(self._latent_cache)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"index": torch.tensor(indices), "mean": torch.stack([self._latent_cache[i][0] for i in indices]),
-                    "std": torch.stack([self._latent_cache[i][1] for i in indices])}, tmp)
-        tmp.replace(path)  # atomic: an interrupted save leaves the previous file
+        with atomic_write(self.latent_cache_path()) as tmp:  # an interrupted save leaves the previous file
+            torch.save({"index": torch.tensor(indices),
+                        "mean": torch.stack([self._latent_cache[i][0] for i in indices]),
+                        "std": torch.stack([self._latent_cache[i][1] for i in indices])}, tmp)
         self._saved_cache_size = len(indices)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

