@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from difflab.nn import TIME_EMBEDDINGS, TIME_INJECTIONS, UNet
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "network"
+CONF = Path(__file__).resolve().parents[1] / "src" / "difflab" / "conf" / "network"
 # pinned parameter counts of the presets (base is the DDPM CIFAR-10 model, 35.7M in Ho et al. 2020)
 PRESET_PARAMETERS = {"tiny": 189_985, "small": 716_161, "base": 35_741_699, "ldm": 9_786_628}
 

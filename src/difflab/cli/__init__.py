@@ -1,6 +1,5 @@
-"""Command-line entry points (Hydra mains): train, sample."""
+"""Command-line entry points (Hydra mains): train, sample, evaluate, sweep_summary."""
 
-from pathlib import Path
+from difflab.conf import CONFIG_DIR, CONFIG_PACKAGE
 
-# conf/ lives at the repository root (an editable install); DIFFLAB_CONF points elsewhere if needed
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+__all__ = ["CONFIG_DIR", "CONFIG_PACKAGE"]

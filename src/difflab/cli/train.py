@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import CONFIG_DIR
+from difflab.cli import CONFIG_PACKAGE
 from difflab.cli.sweep_summary import METRICS_FILE, write_final_metrics
 from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final ``val/loss``: the objective Hydra's optimizing sweepers (Optuna, Ax, Nevergrad) minimize."""
     trainer = run(cfg)
