@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from difflab.diffusion import SAMPLERS, NoiseSchedule, get_sampler
+from difflab.diffusion import Denoiser, NoiseSchedule, available_samplers, get_sampler
 
-SMALL_UNET = Path(__file__).resolve().parents[1] / "conf" / "network" / "small.yaml"
+SMALL_UNET = Path(__file__).resolve().parents[1] / "src" / "difflab" / "conf" / "network" / "small.yaml"
 
 
 class ConvNet(nn.Sequential):
@@ -65,14 +65,15 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}x1x32x32")
         print(f"network forward ({label}): {forward * 1e3:.2f} ms")
         print(f"{'sampler':<10} {'steps':>5} {'calls':>5} {'overhead/step':>14} {'per call vs forward':>20}")
-        for name in SAMPLERS:
-            sampler = get_sampler(name, schedule, num_steps=args.steps)
+        denoiser = Denoiser(model_fn, schedule, "epsilon")
+        for name in available_samplers():
+            sampler = get_sampler(name, num_steps=args.steps)
             best = float("inf")
-            calls = 2 * args.steps - 1 if name == "heun" else args.steps
+            calls = 2 * args.steps - 1 if name == "heun" else args.steps  # heun's last step is Euler
             for _ in range(args.repeats):
                 model_seconds[0] = 0.0
                 start = time.perf_counter()
-                sampler.sample(model_fn, x_T, generator=torch.Generator().manual_seed(0))
+                sampler.sample(denoiser, x_T, generator=torch.Generator().manual_seed(0))
                 best = min(best, time.perf_counter() - start - model_seconds[0])
             per_step, per_call = best / args.steps, best / calls
             print(f"{name:<10} {args.steps:>5} {calls:>5} {per_step * 1e3:>11.3f} ms {per_call / forward:>19.2%}")

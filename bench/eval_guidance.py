@@ -13,7 +13,8 @@ import argparse
 import torch
 from omegaconf import OmegaConf
 
-from difflab.cli.sample import checkpoint_sampler, load_module
+from difflab.cli.sample import checkpoint_sampler
+from difflab.loading import load_module
 from difflab.metrics.classifier import conditional_accuracy, load_digit_classifier, mnist_split, predict
 
 

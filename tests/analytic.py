@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from difflab.diffusion import NoiseSchedule, get_prediction
+from difflab.diffusion import Denoiser, NoiseSchedule, get_prediction
 
 
 class MixtureDenoiser:
@@ -41,6 +41,10 @@ class MixtureDenoiser:
         eps = (x_t.double() - alpha * x0) / sigma
         return self.prediction.target(x0, eps, alpha, sigma).to(x_t.dtype)
 
+    def as_denoiser(self) -> Denoiser:
+        """This model behind the ``Denoiser`` interface the samplers take."""
+        return Denoiser(self, self.schedule, self.prediction)
+
     def sample_data(self, n: int, generator: torch.Generator) -> Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return self.means[k] + self.stds[k] * torch.randn(n, generator=generator, dtype=torch.float64)
@@ -54,3 +58,12 @@ class MixtureDenoiser:
     def cdf(self, x: Tensor) -> Tensor:
         z = (x.double().unsqueeze(-1) - self.means) / self.stds
         return (self.weights * 0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(-1)
+
+
+def ks_distance(samples: Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov distance between the empirical CDF of ``samples`` and ``cdf``."""
+    x, _ = samples.flatten().double().sort()
+    n = x.numel()
+    F = cdf(x)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return max((i / n - F).max().item(), (F - (i - 1) / n).max().item())

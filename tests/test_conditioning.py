@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difflab.conditioning import ClassConditioner, TextConditioner, concat_conditions
-from difflab.diffusion import SAMPLERS, NoiseSchedule
+from difflab.diffusion import Denoiser, NoiseSchedule, available_samplers, get_sampler
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.nn import UNet
 
@@ -163,7 +163,7 @@ def test_concat_conditions_pads_tokens_and_masks():
     assert both["context_mask"].sum().item() == 2 + 8 and both["context"][0, 2:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", available_samplers())
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_guidance_works_with_every_sampler_and_prediction(sampler, prediction):
     net = class_unet().float()
@@ -171,8 +171,8 @@ def test_guidance_works_with_every_sampler_and_prediction(sampler, prediction):
     model = ClassifierFreeGuidance(net, conditioner.from_request(labels=[1, 5]), conditioner.null(2), 3.0, 0.7)
     schedule = NoiseSchedule.cosine(1000)
     x_T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    out = SAMPLERS[sampler](schedule, num_steps=3).sample(model, x_T, prediction_type=prediction,
-                                                          generator=torch.Generator().manual_seed(1))
+    out = get_sampler(sampler, num_steps=3).sample(Denoiser(model, schedule, prediction), x_T,
+                                                   generator=torch.Generator().manual_seed(1))
     assert out.shape == x_T.shape and torch.isfinite(out).all()
 
 
@@ -221,9 +221,8 @@ def test_classifier_guidance_raises_the_target_class_probability(sampler):
     x_T = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     fractions = {}
     for scale in (0.0, 1.0, 3.0):
-        model = ClassifierGuidance(denoiser, classifier, torch.zeros(n, dtype=torch.long), scale, schedule, "epsilon")
-        x0 = SAMPLERS[sampler](schedule, num_steps=50).sample(model, x_T, prediction_type="epsilon",
-                                                              generator=torch.Generator().manual_seed(1))
+        guided = ClassifierGuidance(denoiser.as_denoiser(), classifier, torch.zeros(n, dtype=torch.long), scale)
+        x0 = get_sampler(sampler, num_steps=50).sample(guided, x_T, generator=torch.Generator().manual_seed(1))
         fractions[scale] = (x0 < -0.25).double().mean().item()  # nearer component 0 (mean -1.5) than 1 (mean 1)
     assert abs(fractions[0.0] - 0.3) < 0.05, fractions
     assert fractions[1.0] > 0.95 and fractions[3.0] >= fractions[1.0] - 0.01, fractions

@@ -1,16 +1,24 @@
-"""Image-to-image, inpainting and DDIM inversion through DiffusionModule, on the closed-form denoiser."""
+"""Image-to-image, inpainting and DDIM inversion through the Pipeline, on the closed-form denoiser."""
 
 from __future__ import annotations
-
-from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 from analytic import MixtureDenoiser
-from difflab.diffusion import DDIMSampler, DDPMSampler, EulerSampler, LossWeighting, NoiseSchedule, get_prediction
+from difflab.diffusion import (
+    DDIMSampler,
+    DDPMSampler,
+    Denoiser,
+    DPMSolverPlusPlus2MSampler,
+    EulerSampler,
+    LossWeighting,
+    NoiseSchedule,
+    get_prediction,
+)
 from difflab.diffusion.editing import repaint, strength_start_index
+from difflab.diffusion.noise import randn
 from difflab.lightning import DiffusionModule
 
 SHAPE = (1, 4, 4)
@@ -18,7 +26,7 @@ SHAPE = (1, 4, 4)
 
 class AnalyticNetwork(nn.Module):
     """The closed-form optimal prediction for i.i.d. Gaussian-mixture data (within [-1, 1] but for 1e-6 of it,
-    so that generate's final clamp is immaterial), as a network module."""
+    so that the pipeline's final clamp is immaterial), as a network module."""
 
     def __init__(self, schedule: NoiseSchedule, prediction_type: str):
         super().__init__()
@@ -30,16 +38,16 @@ class AnalyticNetwork(nn.Module):
 
 
 def analytic_module(prediction_type: str = "v_prediction", sampler=None):
-    sampler = sampler or partial(DDIMSampler, num_steps=100)
     schedule = NoiseSchedule.cosine()
-    return DiffusionModule(AnalyticNetwork(schedule, prediction_type), schedule, sampler,
-                           get_prediction(prediction_type), LossWeighting(), partial(torch.optim.SGD, lr=0.0),
+    return DiffusionModule(AnalyticNetwork(schedule, prediction_type), schedule, sampler or DDIMSampler(100),
+                           get_prediction(prediction_type), LossWeighting(), lambda params: torch.optim.SGD(params, 0),
                            image_shape=SHAPE)
 
 
 def data(module: DiffusionModule, n: int, seed: int = 0) -> torch.Tensor:
+    """n images in [0, 1] (the pipeline's range) from the mixture."""
     x = module.network.denoiser.sample_data(n * 16, torch.Generator().manual_seed(seed))
-    return x.float().reshape(n, *SHAPE).clamp(-1, 1)
+    return (x.float().reshape(n, *SHAPE).clamp(-1, 1) + 1) / 2
 
 
 def test_strength_maps_to_diffusers_start_index():
@@ -51,91 +59,89 @@ def test_strength_maps_to_diffusers_start_index():
 
 
 def test_strength_zero_returns_the_input():
-    module = analytic_module()
-    x = data(module, 3).clamp(-1, 1)
-    out = module.generate(3, init=x, strength=0.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, x, atol=0, rtol=0)
+    pipe = analytic_module().pipeline()
+    x = data(analytic_module(), 3)
+    torch.testing.assert_close(pipe(init_image=x, strength=0.0, seed=0), x, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", [partial(DDIMSampler, num_steps=20), partial(DDPMSampler, num_steps=20),
-                                     partial(EulerSampler, num_steps=20)])
+@pytest.mark.parametrize("sampler", [DDIMSampler(20), DDPMSampler(20), EulerSampler(20)])
 def test_strength_one_equals_generation_from_noise(sampler):
     module = analytic_module(sampler=sampler)
-    x = data(module, 3)
-    edited = module.generate(3, init=x, strength=1.0, generator=torch.Generator().manual_seed(7))
-    generated = module.generate(3, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(edited, generated, atol=0, rtol=0)
+    pipe, x = module.pipeline(), data(module, 3)
+    torch.testing.assert_close(pipe(init_image=x, strength=1.0, seed=7), pipe(3, seed=7), atol=0, rtol=0)
 
 
 def test_partial_strength_starts_from_the_noised_input():
     """strength s runs the last int(N s) steps from q(x_t | x0) at t = grid[N - int(N s)]; checked against a
-    hand-built start state and the sampler's own loop on the shortened grid."""
-    module = analytic_module(sampler=partial(DDIMSampler, num_steps=10))
-    x = data(module, 2)
-    out = module.generate(2, init=x, strength=0.6, generator=torch.Generator().manual_seed(3))
-    noise = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(3))
-    rest = module.sampler.from_step(4)
-    assert rest.num_steps == 6 and rest.timesteps[0] == module.sampler.timesteps[4]
+    hand-built start state and the sampler's own loop on the rest of the grid."""
+    module = analytic_module(sampler=DDIMSampler(10))
+    pipe, x = module.pipeline(), data(module, 2)
+    out = pipe(init_image=x, strength=0.6, seed=3)
+    noise = randn((2, *SHAPE), [torch.Generator().manual_seed(3 + k) for k in range(2)])
+    grid = module.sampler.grid(module.schedule)
+    rest = grid.from_index(4)
+    assert len(rest) == 6 and rest.timesteps[0] == grid.timesteps[4]
     abar = float(module.schedule.alphas_cumprod[rest.timesteps[0]])
-    x_t = abar**0.5 * x + (1 - abar) ** 0.5 * noise
-    expected = rest.sample(module.ema, x_t, prediction_type=module.loss.prediction).clamp(-1, 1)
+    x_t = abar**0.5 * (x * 2 - 1) + (1 - abar) ** 0.5 * noise
+    denoiser = Denoiser(module.ema, module.schedule, module.loss.prediction)
+    expected = (module.sampler.sample(denoiser, x_t, rest).clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     # low strength stays close to the input, high strength moves away from it
-    near = module.generate(2, init=x, strength=0.2, generator=torch.Generator().manual_seed(3))
-    far = module.generate(2, init=x, strength=0.9, generator=torch.Generator().manual_seed(3))
-    assert (near - x.clamp(-1, 1)).abs().mean() < (far - x.clamp(-1, 1)).abs().mean()
+    near, far = pipe(init_image=x, strength=0.2, seed=3), pipe(init_image=x, strength=0.9, seed=3)
+    assert (near - x).abs().mean() < (far - x).abs().mean()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_inversion_then_regeneration_reconstructs(prediction_type):
-    module = analytic_module(prediction_type, sampler=partial(DDIMSampler, num_steps=200))
-    x = data(module, 4)
-    x_T = module.invert(x)
+    module = analytic_module(prediction_type, sampler=DDIMSampler(200))
+    pipe, x = module.pipeline(), data(module, 4)
+    x_T = pipe.invert(x)
     assert x_T.shape == x.shape and 0.6 < x_T.std() < 1.4  # noise-like
-    regenerated = module.generate(4, noise=x_T)
-    assert (regenerated - x).abs().max() < 2e-2, (regenerated - x).abs().max()
+    regenerated = pipe(noise=x_T)
+    assert (regenerated - x).abs().max() < 1e-2, (regenerated - x).abs().max()
 
 
 def test_inversion_needs_deterministic_ddim():
-    module = analytic_module(sampler=partial(DDPMSampler, num_steps=10))
+    pipe = analytic_module(sampler=DDPMSampler(10)).pipeline()
     with pytest.raises(ValueError, match="use sampler=ddim with eta=0"):
-        module.invert(torch.zeros(1, *SHAPE))
+        pipe.invert(torch.zeros(1, *SHAPE))
+    with pytest.raises(ValueError, match="use sampler=ddim with eta=0"):
+        pipe.invert(torch.zeros(1, *SHAPE), sampler=DDIMSampler(10, eta=1.0))
 
 
-@pytest.mark.parametrize("sampler", [partial(DDIMSampler, num_steps=20), partial(DDIMSampler, num_steps=20, eta=1.0),
-                                     partial(DDPMSampler, num_steps=20)])
+@pytest.mark.parametrize("sampler", [DDIMSampler(20), DDIMSampler(20, eta=1.0), DDPMSampler(20), EulerSampler(20),
+                                     DPMSolverPlusPlus2MSampler(20)], ids=repr)
 @pytest.mark.parametrize("resample", [1, 3])
 def test_inpainting_keeps_the_known_region_exactly(sampler, resample):
     module = analytic_module(sampler=sampler)
-    x = data(module, 2).clamp(-1, 1)
+    pipe, x = module.pipeline(), data(module, 2)
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1  # regenerate the top half
-    out = module.generate(2, init=x, mask=mask, resample=resample, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out[..., 2:, :], x[..., 2:, :], atol=0, rtol=0)
+    out = pipe(init_image=x, mask=mask, resample=resample, seed=0)
+    torch.testing.assert_close(out[..., 2:, :], x[..., 2:, :], atol=1e-6, rtol=0)
     assert (out[..., :2, :] - x[..., :2, :]).abs().max() > 1e-2  # the rest was regenerated
 
 
-def test_repaint_reduces_to_the_sampler_and_to_the_input_at_the_extremes():
-    """mask = 1 everywhere is plain DDIM (eta = 0) sampling; mask = 0 everywhere returns the known image."""
+@pytest.mark.parametrize("sampler", [DDIMSampler(25), EulerSampler(25), DPMSolverPlusPlus2MSampler(25)], ids=repr)
+def test_repaint_takes_the_samplers_own_step(sampler):
+    """mask = 1 everywhere is the sampler's plain loop (RePaint calls its step); mask = 0 returns the known image."""
     module = analytic_module()
-    sampler = DDIMSampler(module.schedule, num_steps=25)
+    denoiser = Denoiser(module.ema, module.schedule, module.loss.prediction)
     x_T = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
-    known = data(module, 3)
-    plain = sampler.sample(module.ema, x_T, prediction_type="v_prediction")
-    full = repaint(sampler, module.ema, x_T, known, torch.ones(1, 1, 4, 4), "v_prediction",
-                   generator=torch.Generator().manual_seed(2))
+    known = data(module, 3) * 2 - 1
+    plain = sampler.sample(denoiser, x_T)
+    full = repaint(sampler, denoiser, x_T, known, torch.ones(1, 1, 4, 4), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(full, plain, atol=1e-6, rtol=0)
-    none = repaint(sampler, module.ema, x_T, known, torch.zeros(1, 1, 4, 4), "v_prediction",
-                   generator=torch.Generator().manual_seed(2))
+    none = repaint(sampler, denoiser, x_T, known, torch.zeros(1, 1, 4, 4), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(none, known, atol=1e-6, rtol=0)
 
 
-def test_repaint_rejects_ode_samplers_and_mask_needs_init():
-    module = analytic_module(sampler=partial(EulerSampler, num_steps=5))
-    with pytest.raises(ValueError, match="use sampler=ddim or sampler=ddpm"):
-        module.generate(1, init=torch.zeros(1, *SHAPE), mask=torch.ones(1, 1, 4, 4))
-    with pytest.raises(ValueError, match="pass init= with mask="):
-        module.generate(1, mask=torch.ones(1, 1, 4, 4))
+def test_mask_needs_an_image_and_resample_must_be_positive():
+    pipe = analytic_module(sampler=DDIMSampler(5)).pipeline()
+    with pytest.raises(ValueError, match="pass init_image= with mask="):
+        pipe(1, mask=torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="resample must be >= 1"):
+        pipe(init_image=torch.zeros(1, *SHAPE), mask=torch.ones(1, 1, 4, 4), resample=0)
 
 
 def test_load_image_and_mask(tmp_path):

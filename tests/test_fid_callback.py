@@ -51,9 +51,9 @@ def test_fid_under_two_process_ddp_equals_one_process_on_the_same_samples(tmp_pa
     """Two CPU processes (gloo): each samples its share with its own seed, the features are all-gathered and both
     ranks compute the figure. One process on the same samples (the two shares, regenerated from the checkpoint
     with the same seeds and conditions) gives the same FID."""
-    from difflab.cli.sample import load_module
     from difflab.diffusion import DPMSolverPlusPlus2MSampler
     from difflab.lightning.fid import FIDCallback
+    from difflab.loading import load_module
     from difflab.metrics.features import DigitFeatures, extract
     from difflab.metrics.frechet import frechet_distance_of
 
@@ -68,17 +68,11 @@ def test_fid_under_two_process_ddp_equals_one_process_on_the_same_samples(tmp_pa
     assert len(logged) == 1
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     callback = FIDCallback(DigitFeatures(), num_samples=n)
-    sampler = DPMSolverPlusPlus2MSampler(module.schedule, num_steps=2)  # the callback's sampler (conf/callbacks/fid)
-    share = n // world
+    sampler = DPMSolverPlusPlus2MSampler(num_steps=2)  # the callback's sampler (conf/callbacks/fid)
     conditions = module.conditioner.examples(n, module.device)
-    samples = []
-    for rank in range(world):
-        generator = torch.Generator().manual_seed(callback.seed + 1 + rank)
-        for start in range(0, share, 4):
-            count = min(4, share - start)
-            first = rank * share + start
-            condition = {k: v[first:first + count] for k, v in conditions.items()}
-            samples.append(module.generate(count, sampler=sampler, generator=generator, condition=condition))
+    # sample k of the whole set has seed seed + 1 + k, whichever rank drew it
+    samples = [module.pipeline()(condition=conditions, sampler=sampler, seed=[callback.seed + 1 + k for k in range(n)],
+                                 batch_size=5) * 2 - 1]
     real = FeatureStatistics.from_state_dict(torch.load(next((tmp_path / "stats").glob("*.pt")), weights_only=True))
     fake = FeatureStatistics.of(extract(callback.extractor, torch.cat(samples)))
     assert logged[0] == pytest.approx(frechet_distance_of(real, fake), rel=1e-5)

@@ -68,13 +68,13 @@ def test_grids_equal_diffusers(spacing, num_steps):
     ddim = diffusers.DDIMScheduler(timestep_spacing=spacing)
     ddim.set_timesteps(num_steps)
     assert torch.equal(spaced_timesteps(1000, num_steps, spacing), ddim.timesteps)
-    assert torch.equal(get_sampler("ddim", schedule, num_steps=num_steps, timestep_spacing=spacing).timesteps,
+    assert torch.equal(get_sampler("ddim", num_steps=num_steps, timestep_spacing=spacing).grid(schedule).timesteps,
                        ddim.timesteps)
     if num_steps < 1000:
         dpm = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing)
         dpm.set_timesteps(num_steps)
-        ours = get_sampler("dpmpp_2m", schedule, num_steps=num_steps, timestep_spacing=spacing)
-        assert torch.equal(ours.timesteps, dpm.timesteps)
+        ours = get_sampler("dpmpp_2m", num_steps=num_steps, timestep_spacing=spacing)
+        assert torch.equal(ours.grid(schedule).timesteps, dpm.timesteps)
 
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
@@ -82,20 +82,20 @@ def test_grids_equal_diffusers(spacing, num_steps):
 def test_ddim_equals_diffusers(name, prediction_type):
     schedule = NoiseSchedule.from_name(name)
     model_fn = MixtureDenoiser(schedule, prediction_type)
-    sampler = get_sampler("ddim", schedule, num_steps=50, eta=0.0)
+    sampler = get_sampler("ddim", num_steps=50, eta=0.0)
 
     scheduler = diffusers.DDIMScheduler(**DIFFUSERS_SCHEDULES[name], prediction_type=prediction_type,
                                         clip_sample=False)
     scheduler.set_timesteps(50)
     expected = run_scheduler(scheduler, model_fn, x_T())
-    ours = sampler.sample(model_fn, x_T(), prediction_type=prediction_type)
+    ours = sampler.sample(model_fn.as_denoiser(), x_T())
     assert ours.dtype == torch.float32
     assert (ours - expected).abs().max() <= 1e-4
 
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
     scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
     expected = run_scheduler(scheduler, model_fn, x_T(torch.float64))
-    ours = sampler.sample(model_fn, x_T(torch.float64), prediction_type=prediction_type)
+    ours = sampler.sample(model_fn.as_denoiser(), x_T(torch.float64))
     assert (ours - expected).abs().max() <= 1e-9
 
 
@@ -104,7 +104,7 @@ def test_ddim_equals_diffusers(name, prediction_type):
 def test_dpmpp_2m_equals_diffusers(name, prediction_type):
     schedule = NoiseSchedule.from_name(name)
     model_fn = MixtureDenoiser(schedule, prediction_type)
-    sampler = get_sampler("dpmpp_2m", schedule, num_steps=20)
+    sampler = get_sampler("dpmpp_2m", num_steps=20)
 
     scheduler = diffusers.DPMSolverMultistepScheduler(
         **DIFFUSERS_SCHEDULES[name], prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2
@@ -112,7 +112,7 @@ def test_dpmpp_2m_equals_diffusers(name, prediction_type):
     if not (name == "cosine" and prediction_type == "epsilon"):  # float32-ill-conditioned: see module doc
         scheduler.set_timesteps(20)
         expected = run_scheduler(scheduler, model_fn, x_T())
-        ours = sampler.sample(model_fn, x_T(), prediction_type=prediction_type)
+        ours = sampler.sample(model_fn.as_denoiser(), x_T())
         assert (ours - expected).abs().max() <= 1e-4
 
     # diffusers' DPM-Solver casts its tables and the sample to float32; feed it float64 ones
@@ -122,7 +122,7 @@ def test_dpmpp_2m_equals_diffusers(name, prediction_type):
     scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)])
     with mock.patch.object(torch, "float32", torch.float64):
         expected = run_scheduler(scheduler, model_fn, x_T(torch.float64))
-    ours = sampler.sample(model_fn, x_T(torch.float64), prediction_type=prediction_type)
+    ours = sampler.sample(model_fn.as_denoiser(), x_T(torch.float64))
     assert (ours - expected).abs().max() <= 1e-9
 
 
@@ -138,8 +138,8 @@ def test_ddpm_posterior_equals_diffusers(name, prediction_type, num_steps):
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
     scheduler.one = torch.tensor(1.0, dtype=torch.float64)
     scheduler.set_timesteps(num_steps)
-    sampler = get_sampler("ddpm", schedule, num_steps=num_steps)
-    assert torch.equal(sampler.timesteps, scheduler.timesteps)
+    sampler = get_sampler("ddpm", num_steps=num_steps)
+    assert torch.equal(sampler.grid(schedule).timesteps, scheduler.timesteps)
 
     # our posterior at each step, recorded through NoiseSchedule.posterior with the sampler's x0 estimate
     x = x_T(torch.float64)
@@ -161,10 +161,10 @@ def test_ddpm_posterior_equals_diffusers(name, prediction_type, num_steps):
         x = mean
 
     # the sampler's own loop, with noise off, walks the same means
-    sampler_means = get_sampler("ddpm", schedule, num_steps=num_steps, variance="small")
-    sampler_means.noise_like = lambda x, generator: torch.zeros_like(x)
-    torch.testing.assert_close(sampler_means.sample(model_fn, x_T(torch.float64), prediction_type), x,
-                               atol=1e-9, rtol=0)
+    sampler_means = get_sampler("ddpm", num_steps=num_steps, variance="small")
+    with mock.patch("difflab.diffusion.samplers.ddpm.randn_like", lambda x, generator: torch.zeros_like(x)):
+        means = sampler_means.sample(model_fn.as_denoiser(), x_T(torch.float64))
+    torch.testing.assert_close(means, x, atol=1e-9, rtol=0)
 
 
 def get_prediction_x0(schedule, prediction_type, output, x, t):
@@ -190,6 +190,6 @@ def test_karras_samplers_equal_diffusers(cls_name, ours, prediction_type):
     scheduler.set_timesteps(10)
     x = x_T() * (scheduler.sigmas[0] ** 2 + 1) ** 0.5
     expected = run_scheduler(scheduler, model_fn, x)
-    sampler = get_sampler(ours, schedule, num_steps=10, timestep_spacing="trailing")
-    result = sampler.sample(model_fn, x_T(), prediction_type=prediction_type)
+    sampler = get_sampler(ours, num_steps=10, timestep_spacing="trailing")
+    result = sampler.sample(model_fn.as_denoiser(), x_T())
     assert (result - expected).abs().max() <= 1e-4

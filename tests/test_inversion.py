@@ -14,13 +14,13 @@ from difflab.diffusion import NoiseSchedule, get_sampler
 def test_invert_then_sample_reconstructs(schedule_name, prediction_type):
     schedule = NoiseSchedule.from_name(schedule_name)
     denoiser = MixtureDenoiser(schedule, prediction_type)
-    sampler = get_sampler("ddim", schedule, num_steps=1000)
+    sampler = get_sampler("ddim", num_steps=1000)
     x0 = denoiser.sample_data(2000, torch.Generator().manual_seed(0)).reshape(20, 100).float()
-    x_T = sampler.invert(denoiser, x0, prediction_type=prediction_type)
+    x_T = sampler.invert(denoiser.as_denoiser(), x0)
     assert x_T.dtype == x0.dtype
     # the inverted latent looks like noise: near unit variance
     assert 0.8 < x_T.std().item() < 1.2
-    error = (sampler.sample(denoiser, x_T, prediction_type=prediction_type) - x0).abs()
+    error = (sampler.sample(denoiser.as_denoiser(), x_T) - x0).abs()
     if schedule_name == "cosine":
         # cosine's last steps are long in log-SNR (abar falls 1000x from t=998 to 999), so the inverse step
         # is near-singular and the fixed-point iteration contracts by only ~0.97 per pass: the worst point
@@ -29,8 +29,8 @@ def test_invert_then_sample_reconstructs(schedule_name, prediction_type):
     else:
         assert error.max() <= 1e-2
     # diffusers' single-evaluation inversion is first order: close on average, looser at the worst point
-    x_T = sampler.invert(denoiser, x0, prediction_type=prediction_type, fixed_point_iterations=0)
-    assert (sampler.sample(denoiser, x_T, prediction_type=prediction_type) - x0).abs().mean() <= 1e-2
+    x_T = sampler.invert(denoiser.as_denoiser(), x0, fixed_point_iterations=0)
+    assert (sampler.sample(denoiser.as_denoiser(), x_T) - x0).abs().mean() <= 1e-2
 
 
 def test_inversion_error_shrinks_with_steps():
@@ -39,9 +39,9 @@ def test_inversion_error_shrinks_with_steps():
     x0 = denoiser.sample_data(500, torch.Generator().manual_seed(1)).reshape(5, 100)
     errors = []
     for steps in (20, 100, 500):
-        sampler = get_sampler("ddim", schedule, num_steps=steps)
-        x_T = sampler.invert(denoiser, x0, fixed_point_iterations=0)
-        errors.append((sampler.sample(denoiser, x_T) - x0).abs().mean().item())
+        sampler = get_sampler("ddim", num_steps=steps)
+        x_T = sampler.invert(denoiser.as_denoiser(), x0, fixed_point_iterations=0)
+        errors.append((sampler.sample(denoiser.as_denoiser(), x_T) - x0).abs().mean().item())
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -56,8 +56,7 @@ def test_inversion_without_iterations_equals_diffusers(prediction_type="epsilon"
     schedule = NoiseSchedule.scaled_linear()
     denoiser = MixtureDenoiser(schedule, prediction_type)
     x0 = denoiser.sample_data(300, torch.Generator().manual_seed(2)).reshape(3, 100)
-    ours = get_sampler("ddim", schedule, num_steps=50).invert(denoiser, x0, prediction_type,
-                                                              fixed_point_iterations=0)
+    ours = get_sampler("ddim", num_steps=50).invert(denoiser.as_denoiser(), x0, fixed_point_iterations=0)
     scheduler = diffusers.DDIMInverseScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                                prediction_type=prediction_type, clip_sample=False)
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()

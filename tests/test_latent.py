@@ -8,10 +8,11 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from difflab.cli.sample import load_module, sample
+from difflab.cli.sample import sample
 from difflab.cli.train import run
 from difflab.latent import AutoencoderFirstStage, DiffusersFirstStage, load_first_stage
 from difflab.lightning import AutoencoderModule, LatentDiffusionModule
+from difflab.loading import load_module
 from difflab.nn import Autoencoder, DiagonalGaussian, PatchDiscriminator
 from test_sample_cli import sample_cfg
 from test_train import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg
@@ -156,33 +157,33 @@ def ldm_run(autoencoder_ckpt, tmp_path_factory):
 def test_ldm_trains_on_latents_and_reloads_without_the_autoencoder_file(ldm_run):
     tmp, trained = ldm_run
     assert isinstance(trained, LatentDiffusionModule)
-    assert trained.image_shape == (4, 4, 4) and trained.pixel_shape == (1, 8, 8)
+    assert trained.image_shape == (4, 4, 4) and trained.pipeline().pixel_shape == (1, 8, 8)
     assert len(trained._latent_cache) > 0  # cache_latents: posteriors kept after their first encoding
     assert (tmp / "samples" / "step_000002.png").is_file()
     module = load_module(tmp / "checkpoints" / "last.ckpt")
     assert module.first_stage.scale_factor == trained.first_stage.scale_factor
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(module.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
-    images = module.generate(3, generator=torch.Generator().manual_seed(0))
-    assert images.shape == (3, 1, 8, 8) and images.abs().max() <= 1
+    images = module.pipeline()(3, seed=0)
+    assert images.shape == (3, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
 
 
 def test_ldm_editing_in_latent_space(ldm_run):
     _, module = ldm_run
-    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    pipe = module.pipeline()
+    x = torch.rand(2, 1, 8, 8)
     # strength 0 returns decode(encode(x))
-    torch.testing.assert_close(module.generate(2, init=x, strength=0.0),
-                               module.first_stage.decode(module.first_stage.encode(x)).clamp(-1, 1))
+    expected = (module.first_stage.decode(module.first_stage.encode(x * 2 - 1)).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(pipe(init_image=x, strength=0.0), expected)
     # strength 1 is generation from noise with the same seed
-    torch.testing.assert_close(module.generate(2, init=x, strength=1.0, generator=torch.Generator().manual_seed(4)),
-                               module.generate(2, generator=torch.Generator().manual_seed(4)), atol=0, rtol=0)
-    # inpainting keeps the known pixels exactly (pasted back after decoding)
+    torch.testing.assert_close(pipe(init_image=x, strength=1.0, seed=4), pipe(2, seed=4), atol=0, rtol=0)
+    # inpainting keeps the known pixels (pasted back after decoding)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1
-    out = module.generate(2, init=x, mask=mask, generator=torch.Generator().manual_seed(1))
+    out = pipe(init_image=x, mask=mask, seed=1)
     keep = mask.expand_as(x) == 0
-    torch.testing.assert_close(out[keep], x[keep], atol=0, rtol=0)
-    assert module.latent_mask(mask).shape == (1, 1, 4, 4) and module.latent_mask(mask).sum() == 4
+    torch.testing.assert_close(out[keep], x[keep], atol=1e-6, rtol=0)
+    assert pipe._latent_mask(mask).shape == (1, 1, 4, 4) and pipe._latent_mask(mask).sum() == 4
 
 
 def test_ldm_with_a_mismatched_network_fails_at_start(autoencoder_ckpt, tmp_path):
@@ -205,7 +206,7 @@ def test_sample_cli_edits_with_an_ldm(ldm_run, tmp_path):
     mask.save(tmp_path / "mask.png")
     out = sample(sample_cfg(f"ckpt={ckpt}", f"init_image={tmp_path / 'in.png'}", "strength=0.5", "n=2", "label=3",
                             f"out={tmp_path / 'img2img'}", "progress=false"))
-    assert sorted(p.name for p in out.glob("label3_*.png")) == ["label3_000_seed0.png", "label3_001_seed0.png"]
+    assert sorted(p.name for p in out.glob("label3_*.png")) == ["label3_000_seed0.png", "label3_001_seed1.png"]
     assert Image.open(out / "grid.png").size == (2 * 10 + 2, 2 * 10 + 2)  # the input's row, then the samples
     out = sample(sample_cfg(f"ckpt={ckpt}", f"init_image={tmp_path / 'in.png'}", f"mask={tmp_path / 'mask.png'}",
                             "n=2", "label=3", f"out={tmp_path / 'inpaint'}", "progress=false"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from analytic import MixtureDenoiser
-from difflab.diffusion import SAMPLERS, NoiseSchedule, get_sampler
+from difflab.diffusion import Denoiser, NoiseSchedule, available_samplers, get_sampler
 
 FAST = {"ddpm": 20, "ddim": 10, "dpmpp_2m": 10, "euler": 10, "heun": 5}
 
@@ -16,11 +16,11 @@ def schedule():
     return NoiseSchedule.linear()
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", available_samplers())
 @pytest.mark.parametrize("shape", [(8,), (2, 3, 5, 5), (2, 7, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_any_shape_and_dtype(schedule, name, shape, dtype):
-    sampler = get_sampler(name, schedule, num_steps=FAST[name])
+    sampler = get_sampler(name, num_steps=FAST.get(name, 10))
     seen_dtypes = set()
 
     def model_fn(x, t):
@@ -28,20 +28,21 @@ def test_any_shape_and_dtype(schedule, name, shape, dtype):
         assert t.dtype == torch.long and t.shape == (shape[0],)
         return MixtureDenoiser(schedule)(x, t)
 
-    out = sampler.sample(model_fn, torch.randn(shape, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    out = sampler.sample(Denoiser(model_fn, schedule), torch.randn(shape, dtype=dtype),
+                         generator=torch.Generator().manual_seed(0))
     assert out.shape == shape and out.dtype == dtype and torch.isfinite(out).all()
     assert seen_dtypes == {dtype}  # the network sees the caller's dtype, the state stays float64
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", available_samplers())
 def test_callback_and_call_count(schedule, name):
-    steps = FAST[name]
-    sampler = get_sampler(name, schedule, num_steps=steps)
+    steps = FAST.get(name, 10)
+    sampler = get_sampler(name, num_steps=steps)
     denoiser = MixtureDenoiser(schedule)
     events = []
-    out = sampler.sample(denoiser, torch.randn(4, 6), callback=events.append)
+    out = sampler.sample(denoiser.as_denoiser(), torch.randn(4, 6), callback=events.append)
     assert [e["i"] for e in events] == list(range(steps))
-    assert [e["t"] for e in events] == sampler.timesteps.tolist()
+    assert [e["t"] for e in events] == sampler.grid(schedule).timesteps.tolist()
     assert set(events[0]) == {"i", "t", "x", "denoised"}
     torch.testing.assert_close(events[-1]["x"].float(), out)
     assert denoiser.calls == (2 * steps - 1 if name == "heun" else steps)
@@ -52,10 +53,10 @@ def test_euler_equals_ddim(schedule):
     denoiser = MixtureDenoiser(schedule, "v_prediction")
     x_T = torch.randn(4, 50, dtype=torch.float64)
     for spacing in ("leading", "trailing", "linspace"):
-        ddim = get_sampler("ddim", schedule, num_steps=17, timestep_spacing=spacing)
-        euler = get_sampler("euler", schedule, num_steps=17, timestep_spacing=spacing)
-        torch.testing.assert_close(euler.sample(denoiser, x_T, "v_prediction"),
-                                   ddim.sample(denoiser, x_T, "v_prediction"), atol=1e-12, rtol=0)
+        ddim = get_sampler("ddim", num_steps=17, timestep_spacing=spacing)
+        euler = get_sampler("euler", num_steps=17, timestep_spacing=spacing)
+        torch.testing.assert_close(euler.sample(denoiser.as_denoiser(), x_T),
+                                   ddim.sample(denoiser.as_denoiser(), x_T), atol=1e-12, rtol=0)
 
 
 def test_ddim_eta_one_is_ddpm_in_distribution(schedule):
@@ -63,11 +64,11 @@ def test_ddim_eta_one_is_ddpm_in_distribution(schedule):
     denoiser = MixtureDenoiser(schedule)
     x_T = torch.zeros(20000, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    ddim = get_sampler("ddim", schedule, num_steps=2, eta=1.0)
-    ddpm = get_sampler("ddpm", schedule, num_steps=2)
+    ddim = get_sampler("ddim", num_steps=2, eta=1.0)
+    ddpm = get_sampler("ddpm", num_steps=2)
     first = {}
     for sampler in (ddim, ddpm):
-        sampler.sample(denoiser, x_T, generator=g,
+        sampler.sample(denoiser.as_denoiser(), x_T, generator=g,
                        callback=lambda e, s=sampler: first.setdefault(s.name, e["x"]) if e["i"] == 0 else None)
     torch.testing.assert_close(first["ddim"].mean(), first["ddpm"].mean(), atol=0.02, rtol=0)
     torch.testing.assert_close(first["ddim"].std(), first["ddpm"].std(), atol=0.02, rtol=0)
@@ -75,20 +76,20 @@ def test_ddim_eta_one_is_ddpm_in_distribution(schedule):
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_generator_makes_stochastic_sampling_reproducible(schedule, name):
-    sampler = get_sampler(name, schedule, num_steps=10, **({"eta": 1.0} if name == "ddim" else {}))
+    sampler = get_sampler(name, num_steps=10, **({"eta": 1.0} if name == "ddim" else {}))
     denoiser = MixtureDenoiser(schedule)
     x_T = torch.randn(3, 10)
-    run = lambda seed: sampler.sample(denoiser, x_T, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: sampler.sample(denoiser.as_denoiser(), x_T, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0))
     assert not torch.allclose(run(0), run(1))
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", available_samplers())
 def test_clip_sample_clamps_x0_estimate(schedule, name):
-    sampler = get_sampler(name, schedule, num_steps=FAST[name], clip_sample=True, clip_sample_range=0.5)
+    sampler = get_sampler(name, num_steps=FAST.get(name, 10), clip_sample=True, clip_sample_range=0.5)
     denoised = []
-    out = sampler.sample(MixtureDenoiser(schedule), torch.randn(4, 100), callback=lambda e: denoised.append(
-        e["denoised"]))
+    out = sampler.sample(MixtureDenoiser(schedule).as_denoiser(), torch.randn(4, 100),
+                         callback=lambda e: denoised.append(e["denoised"]))
     assert all(d.abs().max() <= 0.5 for d in denoised)
     assert out.abs().max() <= 0.5 + 1e-6  # the last step lands on the clamped estimate
 
@@ -96,43 +97,43 @@ def test_clip_sample_clamps_x0_estimate(schedule, name):
 def test_ddpm_large_variance_adds_more_noise(schedule):
     denoiser = MixtureDenoiser(schedule)
     x_T = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))
-    small = get_sampler("ddpm", schedule, num_steps=10, variance="small")
-    large = get_sampler("ddpm", schedule, num_steps=10, variance="large")
+    small = get_sampler("ddpm", num_steps=10, variance="small")
+    large = get_sampler("ddpm", num_steps=10, variance="large")
     stds = {}
     for s in (small, large):
-        s.sample(denoiser, x_T, generator=torch.Generator().manual_seed(1),
+        s.sample(denoiser.as_denoiser(), x_T, generator=torch.Generator().manual_seed(1),
                  callback=lambda e, s=s: stds.setdefault(s.variance, e["x"].std()) if e["i"] == 8 else None)
     assert stds["large"] > stds["small"]
 
 
 def test_errors_name_the_problem(schedule):
-    with pytest.raises(ValueError, match="valid: ddpm, ddim, dpmpp_2m, euler, heun"):
-        get_sampler("dpm", schedule)
+    with pytest.raises(ValueError, match="valid: ddim, ddpm, dpmpp_2m, euler"):
+        get_sampler("dpm")
     with pytest.raises(ValueError, match="valid: leading, trailing, linspace"):
-        get_sampler("ddim", schedule, timestep_spacing="uniform")
+        get_sampler("ddim", timestep_spacing="uniform").grid(schedule)
     with pytest.raises(ValueError, match="num_steps must be in"):
-        get_sampler("ddim", schedule, num_steps=1001)
+        get_sampler("ddim", num_steps=1001).grid(schedule)
     with pytest.raises(ValueError, match="valid: small"):
-        get_sampler("ddpm", schedule, variance="learned")
+        get_sampler("ddpm", variance="learned")
     with pytest.raises(ValueError, match="valid: epsilon, sample, v_prediction"):
-        get_sampler("ddim", schedule, num_steps=5).sample(lambda x, t: x, torch.randn(2, 2), "eps")
+        Denoiser(lambda x, t: x, schedule, "eps")
 
 
 def test_zero_terminal_snr_needs_v_prediction():
     schedule = NoiseSchedule.scaled_linear(zero_terminal_snr=True)
-    sampler = get_sampler("ddim", schedule, num_steps=10, timestep_spacing="trailing")
+    sampler = get_sampler("ddim", num_steps=10, timestep_spacing="trailing")
     with pytest.raises(ValueError, match="v_prediction"):
-        sampler.sample(lambda x, t: x, torch.randn(2, 3), "epsilon")
-    out = sampler.sample(MixtureDenoiser(schedule, "v_prediction"), torch.randn(2, 30), "v_prediction")
+        sampler.sample(Denoiser(lambda x, t: x, schedule, "epsilon"), torch.randn(2, 3))
+    out = sampler.sample(MixtureDenoiser(schedule, "v_prediction").as_denoiser(), torch.randn(2, 30))
     assert torch.isfinite(out).all()
-    euler = get_sampler("euler", schedule, num_steps=10, timestep_spacing="trailing")
-    assert torch.isfinite(euler.sample(MixtureDenoiser(schedule, "v_prediction"), torch.randn(2, 30),
-                                       "v_prediction")).all()
+    euler = get_sampler("euler", num_steps=10, timestep_spacing="trailing")
+    assert torch.isfinite(euler.sample(MixtureDenoiser(schedule, "v_prediction").as_denoiser(),
+                                       torch.randn(2, 30))).all()
 
 
 def test_progress_bar_on_request(schedule, capsys):
-    sampler = get_sampler("ddim", schedule, num_steps=5)
-    sampler.sample(MixtureDenoiser(schedule), torch.randn(2, 3), progress=True)
+    sampler = get_sampler("ddim", num_steps=5)
+    sampler.sample(MixtureDenoiser(schedule).as_denoiser(), torch.randn(2, 3), progress=True)
     assert "ddim" in capsys.readouterr().err
-    sampler.sample(MixtureDenoiser(schedule), torch.randn(2, 3))
+    sampler.sample(MixtureDenoiser(schedule).as_denoiser(), torch.randn(2, 3))
     assert capsys.readouterr().err == ""

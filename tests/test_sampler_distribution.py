@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from analytic import MixtureDenoiser
+from analytic import MixtureDenoiser, ks_distance
 from difflab.diffusion import NoiseSchedule, get_sampler
 
 N_SAMPLES = 100_000
@@ -41,19 +41,11 @@ SAMPLERS = [
 ]
 
 
-def ks_distance(samples: torch.Tensor, cdf) -> float:
-    x, _ = samples.flatten().double().sort()
-    n = x.numel()
-    F = cdf(x)
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    return max((i / n - F).max().item(), (F - (i - 1) / n).max().item())
-
-
 def run(name, kwargs, schedule, denoiser, prediction_type, seed=0):
-    sampler = get_sampler(name, schedule, **kwargs)
+    sampler = get_sampler(name, **kwargs)
     g = torch.Generator().manual_seed(seed)
-    x_T = denoiser.marginal_sample(N_SAMPLES, int(sampler.timesteps[0]), g).reshape(200, 500).float()
-    return sampler.sample(denoiser, x_T, prediction_type=prediction_type, generator=g)
+    x_T = denoiser.marginal_sample(N_SAMPLES, int(sampler.grid(schedule).timesteps[0]), g).reshape(200, 500).float()
+    return sampler.sample(denoiser.as_denoiser(), x_T, generator=g)
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
     if group == "model" and option == "classifier":  # the noisy classifier: logits for the batch's labels
         assert model(batch["image"], torch.zeros(len(batch["image"]), dtype=torch.long)).shape == (16, 10)
         return
-    assert batch["image"].shape[1:] == model.pixel_shape
+    assert batch["image"].shape[1:] == model.pipeline().pixel_shape
 
 
 TINY_AUTOENCODER = ["model.autoencoder.channels=8", "model.autoencoder.channel_mult=[1,2]",

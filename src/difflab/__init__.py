@@ -1,3 +1,22 @@
-"""difflab: train, sample and evaluate diffusion models with PyTorch Lightning and Hydra."""
+"""difflab: train, sample and evaluate diffusion models with PyTorch Lightning and Hydra.
+
+    pipe = difflab.load("outputs/.../checkpoints/last.ckpt")
+    images = pipe(n=16, label=7, guidance_scale=3, seed=0)
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["Pipeline", "load", "load_module"]
+
+
+def __getattr__(name: str):
+    # lazy (PEP 562): `import difflab.cli.train` should not pay for the sampling stack it does not use
+    if name in ("load", "load_module"):
+        from difflab import loading
+
+        return getattr(loading, name)
+    if name == "Pipeline":
+        from difflab.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'difflab' has no attribute {name!r}")

@@ -15,13 +15,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm.auto import tqdm
 
-from difflab.cli import CONFIG_DIR
-from difflab.cli.sample import checkpoint_sampler, load_module, resolve_device
-from difflab.conditioning import ClassConditioner
-from difflab.conditioning.base import example_indices
-from difflab.conditioning.text import TextConditioner
+from difflab.cli import CONFIG_PACKAGE
+from difflab.cli.sample import checkpoint_sampler
+from difflab.conditioning.base import ClassConditioner, example_indices
+from difflab.loading import load_module, resolve_device
 from difflab.metrics.classifier import load_digit_classifier, predict
 from difflab.metrics.features import extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
@@ -104,16 +102,11 @@ def evaluate(cfg: DictConfig) -> dict:
     labels = None
     if module is not None:
         sampler, sampler_cfg = checkpoint_sampler(cfg, module)
-        conditions = module.conditioner.examples(n, device)
+        conditions = module.conditioner.examples(n, device)  # balanced: every class (prompt) equally often
         labels = conditions.get("class_labels") if isinstance(module.conditioner, ClassConditioner) else None
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        batches = []
-        for start in tqdm(range(0, n, cfg.batch_size), desc="generating", disable=not cfg.progress):
-            count = min(cfg.batch_size, n - start)
-            condition = {k: v[start:start + count] for k, v in conditions.items()}
-            batches.append(module.generate(count, sampler=sampler, generator=gen, condition=condition,
-                                           guidance_scale=cfg.guidance_scale).float().cpu())
-        fake = torch.cat(batches)
+        fake = module.pipeline()(condition=conditions or None, n=None if conditions else n, sampler=sampler,
+                                 seed=cfg.seed + 1, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
+                                 progress=cfg.progress).float().cpu() * 2 - 1
         result.update(ckpt=str(cfg.ckpt), sampler=OmegaConf.to_container(sampler_cfg),
                       guidance_scale=module.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale)
     else:
@@ -123,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict:
             raise ValueError(f"{cfg.samples} has {len(fake)} images, fewer than n={n}: lower n (FIDs are only "
                              "comparable at equal n)")
     result.update(scores(cfg, extractor, real, fake, other))
-    if cfg.get("clip_model") and module is not None and isinstance(module.conditioner, TextConditioner):
+    if cfg.get("clip_model") and module is not None and hasattr(module.conditioner, "example_prompts"):
         result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, fake)
     if labels is not None:
         predicted = predict(load_digit_classifier(), fake).argmax(-1)
@@ -152,7 +145,7 @@ def report(result: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     result = evaluate(cfg)
     print(report(result))

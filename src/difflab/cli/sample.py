@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -25,50 +24,26 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from difflab.cli import CONFIG_DIR
-from difflab.conditioning import NoConditioning
+from difflab.cli import CONFIG_PACKAGE
+from difflab.conditioning.base import NoConditioning
 from difflab.data.images import load_image, load_mask
-from difflab.diffusion.guidance import ClassifierGuidance
-from difflab.lightning import DiffusionModule, NoisyClassifierModule
+from difflab.loading import load_module, resolve_device
+from difflab.pipeline import Pipeline
 
 
-def load_module(ckpt: str | Path, device: str | torch.device = "cpu") -> DiffusionModule:
-    """Rebuild the trained module from the run config stored in a train.py checkpoint and load its weights."""
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (train first: python train.py)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    run_config = checkpoint.get("difflab_config")
-    if run_config is None:
-        raise ValueError(f"{path} has no difflab run config: was it written by difflab's train.py?")
-    model_config = OmegaConf.create(run_config)["model"]
-    if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
-        model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
-    module = instantiate(model_config, _convert_="all")
-    module.load_state_dict(checkpoint["state_dict"])
-    module.run_config = run_config
-    return module.to(device).eval()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    return torch.device(name)
-
-
-def checkpoint_sampler(cfg: DictConfig, module: DiffusionModule):
+def checkpoint_sampler(cfg: DictConfig, module):
     """(sampler, its config): ``cfg.sampler`` if chosen, else the one the checkpoint was trained with, with
     ``cfg.steps`` steps if given."""
     sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
-    if cfg.get("steps") is not None:
-        sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps})
-    return instantiate(sampler_cfg)(module.schedule), sampler_cfg
+    sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps} if cfg.get("steps") is not None else {})
+    if sampler_cfg.get("_partial_"):  # checkpoints from before samplers took no schedule
+        sampler_cfg.pop("_partial_")
+        sampler_cfg._target_ = sampler_cfg._target_.replace("difflab.diffusion.", "difflab.diffusion.samplers.", 1)
+    return instantiate(sampler_cfg), sampler_cfg
 
 
 def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
-    """[(file-name stem, from_request kwargs)] for each prompt / label asked for; [("", {})] for none."""
+    """[(file-name stem, the pipeline's label= / prompt=)] for each prompt / label asked for; [("", {})] for none."""
     prompts = cfg.get("prompt")
     if cfg.get("prompts_file"):
         path = Path(cfg.prompts_file).expanduser()
@@ -83,10 +58,10 @@ def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {prompt!r}")
-        return [(slug(p), {"prompts": [p]}) for p in prompts]
+        return [(slug(p), {"prompt": p}) for p in prompts]
     if labels is not None:
         labels = [labels] if isinstance(labels, int) else list(labels)
-        return [(f"label{k}", {"labels": [k]}) for k in labels]
+        return [(f"label{k}", {"label": int(k)}) for k in labels]
     return [("", {})]
 
 
@@ -98,63 +73,57 @@ def slug(text: str, max_len: int = 60) -> str:
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device)
+    pipe = module.pipeline(use_ema=cfg.use_ema)
     sampler, sampler_cfg = checkpoint_sampler(cfg, module)
     asked = requests(cfg)
-    unconditional = isinstance(module.conditioner, NoConditioning)
-    if asked != [("", {})] and unconditional and not cfg.get("classifier_ckpt"):
+    unconditional_model = isinstance(pipe.conditioner, NoConditioning)
+    if asked != [("", {})] and unconditional_model and not cfg.get("classifier_ckpt"):
         raise ValueError(f"{cfg.ckpt} is an unconditional model: drop prompt= / label= (or guide it with a noisy "
                          "classifier: classifier_ckpt=PATH label=K)")
-    guidance = module.guidance_scale if cfg.get("guidance_scale") is None else cfg.guidance_scale
+    if cfg.get("unconditional") and asked != [("", {})]:
+        raise ValueError("unconditional=true samples the null condition: drop prompt= / label=")
+    guidance = pipe.guidance_scale if cfg.get("guidance_scale") is None else cfg.guidance_scale
     classifier = None
     if cfg.get("classifier_ckpt"):
-        if not any("labels" in r for _, r in asked):
+        from difflab.lightning.classifier_module import NoisyClassifierModule
+
+        if not any("label" in r for _, r in asked):
             raise ValueError("classifier guidance needs the classes to guide toward: label=K (or a list)")
-        classifier = load_module(cfg.classifier_ckpt, device)
-        if not isinstance(classifier, NoisyClassifierModule):
+        classifier_module = load_module(cfg.classifier_ckpt, device)
+        if not isinstance(classifier_module, NoisyClassifierModule):
             raise ValueError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
                              "model=classifier)")
-    editing = editing_inputs(cfg, module, device)
+        classifier = classifier_module.network
+    editing = editing_inputs(cfg, pipe)
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parent.parent / "generated" /
                                          f"{sampler.name}_{sampler.num_steps}steps_seed{cfg.seed}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("invert"):
-        return invert_and_regenerate(cfg, module, sampler, asked, guidance, out, device)
+        return invert_and_regenerate(cfg, pipe, sampler, asked, guidance, out)
     rows = []
-    for stem, request in asked:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the same noise for every prompt
-        images = []
-        for start in range(0, cfg.n, cfg.batch_size):
-            count = min(cfg.batch_size, cfg.n - start)
-            condition = None
-            if request and not unconditional:  # (an unconditional model may be guided by a classifier alone)
-                condition = module.conditioner.from_request(
-                    labels=request["labels"] * count if "labels" in request else None,
-                    prompts=request["prompts"] * count if "prompts" in request else None, device=device)
-            wrapper = None
-            if classifier is not None:
-                labels = torch.tensor(request["labels"] * count, device=device)
-                wrapper = partial(ClassifierGuidance, classifier=classifier.network, labels=labels,
-                                  scale=cfg.classifier_scale, schedule=module.schedule,
-                                  prediction=module.loss.prediction)
-            batch = module.generate(count, sampler=sampler, generator=generator, progress=cfg.progress,
-                                    use_ema=cfg.use_ema, condition=condition, guidance_scale=guidance,
-                                    guidance_rescale=cfg.guidance_rescale, model_wrapper=wrapper, **editing)
-            images.append((batch.float().cpu() + 1) / 2)
-        images = torch.cat(images)
-        for i, image in enumerate(images):
-            save_image(image, out / (f"{stem}_{i:03d}_seed{cfg.seed}.png" if stem else f"{i:04d}_seed{cfg.seed}.png"))
+    for stem, request in asked:  # seeds seed, seed + 1, ...: the same noise for every prompt
+        images = pipe(cfg.n, **request, unconditional=bool(cfg.get("unconditional")), guidance_scale=guidance,
+                      guidance_rescale=cfg.guidance_rescale, sampler=sampler, seed=cfg.seed, classifier=classifier,
+                      classifier_scale=cfg.classifier_scale, batch_size=cfg.batch_size, progress=cfg.progress,
+                      **editing).float().cpu()
+        names = [f"{stem}_{i:03d}_seed{cfg.seed + i}.png" if stem else f"{i:04d}_seed{cfg.seed + i}.png"
+                 for i in range(len(images))]
+        Pipeline.save(images, out, names)
         rows.append(images)
     written = cfg.n * len(rows)
     nrow = cfg.n if len(rows) > 1 or editing else math.ceil(math.sqrt(cfg.n))
     if editing:  # a first row with the input (and the masked input, the region to regenerate in grey)
-        shown = [editing["init"]] + ([editing["init"] * (1 - editing["mask"])] if "mask" in editing else [])
+        init = editing["init_image"].cpu()
+        shown = [init] + ([init * (1 - editing["mask"].cpu()) + 0.5 * editing["mask"].cpu()] if "mask" in editing
+                          else [])
         nrow = max(nrow, len(shown))
-        rows.insert(0, padded_row([(x[0].float().cpu() + 1) / 2 for x in shown], nrow))
+        rows.insert(0, padded_row([x[0] for x in shown], nrow))
     save_image(make_grid(torch.cat(rows), nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "n": cfg.n, "seed": cfg.seed, "use_ema": cfg.use_ema,
                 "sampler": OmegaConf.to_container(sampler_cfg), "device": str(device),
-                "prompts": [r["prompts"][0] for _, r in asked if "prompts" in r] or None,
-                "labels": [r["labels"][0] for _, r in asked if "labels" in r] or None,
+                "prompts": [r["prompt"] for _, r in asked if "prompt" in r] or None,
+                "labels": [r["label"] for _, r in asked if "label" in r] or None,
+                "unconditional": bool(cfg.get("unconditional")),
                 "guidance_scale": guidance, "guidance_rescale": cfg.guidance_rescale,
                 "classifier_ckpt": cfg.get("classifier_ckpt"), "classifier_scale": cfg.get("classifier_scale"),
                 "init_image": cfg.get("init_image"), "mask": cfg.get("mask"),
@@ -164,51 +133,45 @@ def sample(cfg: DictConfig) -> Path:
     return out
 
 
-def editing_inputs(cfg: DictConfig, module: DiffusionModule, device: torch.device) -> dict:
-    """``generate``'s editing arguments from ``init_image=``, ``strength=``, ``mask=``, ``resample=``."""
+def editing_inputs(cfg: DictConfig, pipe: Pipeline) -> dict:
+    """The pipeline's editing arguments from ``init_image=``, ``strength=``, ``mask=``, ``resample=``."""
     if cfg.get("mask") and not cfg.get("init_image"):
         raise ValueError("mask= needs the image to inpaint: init_image=PATH")
     if cfg.get("invert") and cfg.get("init_image"):
         raise ValueError("give invert=PATH (DDIM inversion) or init_image=PATH (image-to-image / inpainting), not both")
     if not cfg.get("init_image"):
         return {}
-    channels, size = module.pixel_shape[0], module.pixel_shape[-1]
-    editing = {"init": load_image(cfg.init_image, channels, size).to(device)}
+    channels, size = pipe.pixel_shape[0], pipe.pixel_shape[-1]
+    editing = {"init_image": (load_image(cfg.init_image, channels, size) + 1) / 2}
     if cfg.get("mask"):
-        editing["mask"] = load_mask(cfg.mask, size).to(device)
+        editing["mask"] = load_mask(cfg.mask, size)
         editing["resample"] = int(cfg.get("resample", 1))
     default_strength = 1.0 if "mask" in editing else 0.8  # diffusers' inpainting / image-to-image defaults
     editing["strength"] = default_strength if cfg.get("strength") is None else float(cfg.strength)
     return editing
 
 
-def invert_and_regenerate(cfg: DictConfig, module: DiffusionModule, sampler, asked: list[tuple[str, dict]],
-                          guidance: float, out: Path, device: torch.device) -> Path:
+def invert_and_regenerate(cfg: DictConfig, pipe: Pipeline, sampler, asked: list[tuple[str, dict]],
+                          guidance: float, out: Path) -> Path:
     """DDIM-invert ``cfg.invert`` under the source prompt / label, then regenerate it under each asked one
     (the source itself when none is asked: a reconstruction)."""
-    channels, size = module.pixel_shape[0], module.pixel_shape[-1]
-    image = load_image(cfg.invert, channels, size).to(device)
+    channels, size = pipe.pixel_shape[0], pipe.pixel_shape[-1]
+    image = (load_image(cfg.invert, channels, size) + 1) / 2
     source = {}
     if cfg.get("source_prompt") is not None:
-        source["prompts"] = [cfg.source_prompt]
+        source["prompt"] = str(cfg.source_prompt)
     if cfg.get("source_label") is not None:
-        source["labels"] = [int(cfg.source_label)]
-    unconditional = isinstance(module.conditioner, NoConditioning)
-    source_condition = None if unconditional or not source else module.conditioner.from_request(**source,
-                                                                                             device=device)
-    x_T = module.invert(image, sampler=sampler, condition=source_condition, use_ema=cfg.use_ema,
-                        progress=cfg.progress)
+        source["label"] = int(cfg.source_label)
+    conditional = not isinstance(pipe.conditioner, NoConditioning)
+    x_T = pipe.invert(image, **(source if conditional else {}), sampler=sampler, progress=cfg.progress)
     edits = []
     for stem, request in (asked if asked != [("", {})] else [("reconstruction", source)]):
-        condition = None if unconditional or not request else module.conditioner.from_request(**request,
-                                                                                          device=device)
         scale = 1.0 if stem == "reconstruction" else guidance
-        edited = module.generate(1, sampler=sampler, noise=x_T, condition=condition, guidance_scale=scale,
-                                 use_ema=cfg.use_ema, progress=cfg.progress)
-        edited = (edited.float().cpu() + 1) / 2
+        edited = pipe(noise=x_T, **(request if conditional else {}), unconditional=conditional and not request,
+                      sampler=sampler, guidance_scale=scale, progress=cfg.progress).float().cpu()
         save_image(edited, out / f"inverted_{stem or 'unconditional'}.png")
         edits.append(edited)
-    grid = torch.cat([(image.float().cpu() + 1) / 2, *edits])
+    grid = torch.cat([image, *edits])
     save_image(make_grid(grid, nrow=grid.shape[0], padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "invert": str(cfg.invert), "source": source or None,
                 "targets": [r for _, r in asked if r] or None, "guidance_scale": guidance,
@@ -224,7 +187,7 @@ def padded_row(images: list[torch.Tensor], length: int) -> torch.Tensor:
     return torch.stack(images + [blank] * (length - len(images)))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

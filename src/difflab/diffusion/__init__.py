@@ -1,5 +1,7 @@
-"""Diffusion math: noise schedules, parameterisations, training objectives and samplers."""
+"""Diffusion math: noise schedules, parameterisations, the denoiser, training objectives, grids and samplers."""
 
+from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.grid import Grid
 from difflab.diffusion.objectives import (
     DiffusionLoss,
     LossOutput,
@@ -17,22 +19,22 @@ from difflab.diffusion.parameterization import (
     get_prediction,
 )
 from difflab.diffusion.samplers import (
-    SAMPLERS,
     DDIMSampler,
     DDPMSampler,
     DPMSolverPlusPlus2MSampler,
     EulerSampler,
     HeunSampler,
     Sampler,
+    available_samplers,
     get_sampler,
 )
 from difflab.diffusion.schedules import SCHEDULES, NoiseSchedule
 from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 
 __all__ = [
-    "PREDICTIONS", "SAMPLERS", "SCHEDULES", "SPACINGS",
-    "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "DiffusionLoss", "EpsilonPrediction",
-    "EulerSampler", "HeunSampler", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
+    "PREDICTIONS", "SCHEDULES", "SPACINGS",
+    "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoiser", "DiffusionLoss", "EpsilonPrediction",
+    "EulerSampler", "Grid", "HeunSampler", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
     "Prediction", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
-    "get_prediction", "get_sampler", "spaced_timesteps",
+    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
 ]

@@ -1,4 +1,4 @@
-"""Guidance: wrappers that turn a conditional denoiser into the ``model(x_t, t)`` every sampler calls.
+"""Guidance: classifier-free guidance wraps the network into a ``model(x_t, t)``; classifier guidance a ``Denoiser``.
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6): f = f_u + w (f_c - f_u), with f_c, f_u the network's
 conditional and unconditional (null-condition) outputs. Applied to the raw output of any prediction type:
@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from difflab.conditioning.base import Condition, concat_conditions
-from difflab.diffusion.parameterization import Prediction, get_prediction
-from difflab.diffusion.schedules import NoiseSchedule
+from difflab.diffusion.denoiser import Denoiser
 
 
 class ClassifierFreeGuidance:
@@ -62,20 +61,19 @@ class Conditioned:
 
 
 class ClassifierGuidance:
-    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2): the noise prediction is shifted along the
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2): the noise estimate is shifted along the
     gradient of a noisy classifier's log-probability of the wanted classes,
 
         eps' = eps - s * sigma_t * grad_{x_t} log p_phi(y | x_t, t),
 
-    i.e. the score gains s * grad log p(y | x_t). ``model_fn`` is any ``model(x_t, t)`` (e.g. unconditional, or
-    classifier-free guided) with output of ``prediction`` type; the result is converted back to that type, so
-    every sampler takes it. ``classifier(x_t, t) -> logits (B, K)``.
+    i.e. the score gains s * grad log p(y | x_t); x0 follows from eps'. It wraps a ``Denoiser`` (unconditional, or
+    classifier-free guided) and is one itself, so every sampler takes it. ``classifier(x_t, t) -> logits (B, K)``.
     """
 
-    def __init__(self, model_fn: Callable[[Tensor, Tensor], Tensor], classifier: Callable[[Tensor, Tensor], Tensor],
-                 labels: Tensor, scale: float, schedule: NoiseSchedule, prediction: str | Prediction = "epsilon"):
-        self.model_fn, self.classifier, self.labels = model_fn, classifier, labels
-        self.scale, self.schedule, self.prediction = float(scale), schedule, get_prediction(prediction)
+    def __init__(self, denoiser: Denoiser, classifier: Callable[[Tensor, Tensor], Tensor], labels: Tensor,
+                 scale: float):
+        self.denoiser, self.classifier, self.labels, self.scale = denoiser, classifier, labels, float(scale)
+        self.schedule, self.prediction = denoiser.schedule, denoiser.prediction
 
     def grad_log_prob(self, x: Tensor, t: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -84,12 +82,14 @@ class ClassifierGuidance:
             selected = log_probs[torch.arange(x.shape[0], device=x.device), self.labels.to(x.device)]
             return torch.autograd.grad(selected.sum(), x_in)[0]
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        out = self.model_fn(x, t)
+    def __call__(self, x: Tensor, t: Tensor, abar: float | None = None, *,
+                 model_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        x0, eps = self.denoiser(x, t, abar, model_dtype=model_dtype)
         if self.scale == 0:
-            return out
-        alpha, sigma = self.schedule.alpha_sigma(t, x)
-        x0, eps = self.prediction.to_x0_eps(out.double(), x.double(), alpha, sigma)
-        eps = eps - self.scale * sigma * self.grad_log_prob(x, t).double()
-        x0 = (x.double() - sigma * eps) / alpha
-        return self.prediction.target(x0, eps, alpha, sigma).to(out.dtype)
+            return x0, eps
+        if abar is None:
+            alpha, sigma = (c.to(x.dtype) for c in self.schedule.alpha_sigma(t, x))
+        else:
+            alpha, sigma = abar**0.5, (1 - abar) ** 0.5
+        eps = eps - self.scale * sigma * self.grad_log_prob(x.to(model_dtype or x.dtype), t).to(x.dtype)
+        return (x - sigma * eps) / alpha, eps

@@ -141,9 +141,9 @@ class AutoencoderModule(L.LightningModule):
         self.log("val/kl", posterior.kl().mean(), sync_dist=True, batch_size=size)
 
     @torch.no_grad()
-    def preview(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+    def preview(self, n: int, seed: int = 0) -> Tensor | None:
         """For the sample-grid callback: rows of validation images (training images before the first
-        validation), each followed by its reconstruction."""
+        validation), each followed by its reconstruction, in [0, 1]."""
         if self._preview_batch is None:
             return None
         x = self._preview_batch[: max(n // 2, 1)]
@@ -153,7 +153,7 @@ class AutoencoderModule(L.LightningModule):
         self.autoencoder.train(was_training)
         row = max(int(n**0.5), 1)
         pairs = [t for k in range(0, x.shape[0], row) for t in (x[k:k + row], x_hat[k:k + row])]
-        return torch.cat(pairs)
+        return (torch.cat(pairs) + 1) / 2
 
     def configure_optimizers(self):
         return optimizers_from_factories(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory)

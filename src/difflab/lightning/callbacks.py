@@ -40,7 +40,7 @@ class Periodic(L.Callback):
 
 class SampleGrid(Periodic):
     """Every ``every_n_steps`` optimizer steps (and at the end of training) write a grid of the module's
-    ``preview(n, generator)`` (EMA samples; the autoencoder's reconstructions) to
+    ``preview(n, seed)`` (EMA samples; the autoencoder's reconstructions; images in [0, 1]) to
     ``<run dir>/samples/step_XXXXXX.png`` and hand it to the loggers that take images."""
 
     def __init__(self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, dirname: str = "samples"):
@@ -55,17 +55,16 @@ class SampleGrid(Periodic):
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         if not hasattr(pl_module, "preview"):  # e.g. the noisy classifier: nothing to draw
             return None
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         # every rank samples: no collective may run on rank 0 alone
-        samples = pl_module.preview(self.num_samples, generator=generator)
+        samples = pl_module.preview(self.num_samples, seed=self.seed)
         return None if samples is None else save_and_log_grid(trainer, samples, self.dirname, "samples")
 
 
 @rank_zero_only
 def save_and_log_grid(trainer: L.Trainer, images: torch.Tensor, dirname: str, key: str) -> Path:
-    """Write images (N, C, H, W) in [-1, 1] as a square grid to ``<run dir>/<dirname>/step_XXXXXX.png``
+    """Write images (N, C, H, W) in [0, 1] as a square grid to ``<run dir>/<dirname>/step_XXXXXX.png``
     (atomically) and hand it to the loggers that take images (W&B, TensorBoard) under ``key``."""
-    grid = make_grid((images.float().cpu() + 1) / 2, nrow=int(len(images) ** 0.5), padding=2, pad_value=1.0)
+    grid = make_grid(images.float().cpu(), nrow=int(len(images) ** 0.5), padding=2, pad_value=1.0)
     path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:06d}.png"
     with atomic_write(path) as tmp:  # a viewer never sees a half-written grid
         save_image(grid, tmp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from difflab.diffusion.samplers import Sampler
 from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.metrics.features import feature_statistics
@@ -22,7 +22,7 @@ class FIDCallback(Periodic):
     ``num_samples`` EMA samples and ``num_samples`` training images, on ``extractor``'s features, logged as
     ``val/fid_<n>`` (the count is in the name: FIDs at different n are not comparable).
 
-    Samples use ``sampler`` (a partial completed with the module's schedule; default: the module's sampler)
+    Samples use ``sampler`` (default: the module's) through the module's ``pipeline()``
     and, for conditional models, the conditioner's
     balanced ``examples`` with the module's guidance scale. The real statistics are computed once and cached
     in ``cache_dir`` under a key of dataset, split, resolution, extractor and n. Under DDP every rank samples
@@ -30,10 +30,10 @@ class FIDCallback(Periodic):
     """
 
     def __init__(self, extractor: torch.nn.Module, every_n_steps: int = 1000, num_samples: int = 1000,
-                 sampler: Callable | None = None, batch_size: int = 250, seed: int = 0, cache_dir: str | None = None):
+                 sampler: Sampler | None = None, batch_size: int = 250, seed: int = 0, cache_dir: str | None = None):
         super().__init__(every_n_steps)
         self.extractor, self.num_samples = extractor, num_samples
-        self.sampler_factory, self.batch_size, self.seed, self.cache_dir = sampler, batch_size, seed, cache_dir
+        self.sampler, self.batch_size, self.seed, self.cache_dir = sampler, batch_size, seed, cache_dir
 
     @property
     def metric_name(self) -> str:
@@ -78,20 +78,21 @@ class FIDCallback(Periodic):
         return stats
 
     def sample_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FeatureStatistics, Tensor]:
-        """The samples' statistics (all ranks' samples) and this rank's first 64 samples."""
+        """The samples' statistics (all ranks' samples) and this rank's first 64 samples (in [0, 1])."""
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-self.num_samples // world)  # every rank the same count: all_gather needs equal shapes
-        sampler = self.sampler_factory(pl_module.schedule) if self.sampler_factory else pl_module.sampler
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1 + rank)
+        pipe = pl_module.pipeline()
         conditions = pl_module.conditioner.examples(share * world, pl_module.device)
         features, preview = [], None
         self.extractor.to(pl_module.device)
         for start in range(0, share, self.batch_size):
             count = min(self.batch_size, share - start)
-            first = rank * share + start
-            condition = {k: v[first:first + count] for k, v in conditions.items()}
-            images = pl_module.generate(count, sampler=sampler, generator=generator, condition=condition)
-            features.append(self.extractor(images))
+            first = rank * share + start  # sample k of the whole set has the seed seed + 1 + k on every rank layout
+            condition = {k: v[first:first + count] for k, v in conditions.items()} or None
+            images = pipe(n=None if condition else count, condition=condition, sampler=self.sampler,
+                          seed=[self.seed + 1 + first + k for k in range(count)], batch_size=count,
+                          progress=False)
+            features.append(self.extractor(images * 2 - 1))  # the extractors take [-1, 1]
             preview = images[:64] if preview is None else preview
         local = torch.cat(features)
         gathered = pl_module.all_gather(local)  # (world, share, D) under DDP, (share, D) alone

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from difflab.files import atomic_write
 from difflab.latent.first_stage import FirstStage
 from difflab.lightning.diffusion_module import DiffusionModule
+from difflab.pipeline import Pipeline
 
 
 class LatentDiffusionModule(DiffusionModule):
@@ -51,10 +51,6 @@ class LatentDiffusionModule(DiffusionModule):
         self.first_stage.eval()  # frozen: no dropout, no norm statistics updates
         return self
 
-    @property
-    def pixel_shape(self) -> tuple[int, int, int]:
-        return self.first_stage.in_channels, self.image_size, self.image_size
-
     # ---- the diffusion space ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -74,18 +70,11 @@ class LatentDiffusionModule(DiffusionModule):
         std = torch.stack([self._latent_cache[i][1] for i in indices])
         return mean + std * torch.randn_like(mean)
 
-    def encode(self, images: Tensor) -> Tensor:
-        if images.shape[1:] != self.pixel_shape:
-            raise ValueError(f"images of shape {tuple(images.shape[1:])}, the first stage expects {self.pixel_shape}")
-        return self.first_stage.encode(images)
-
-    def decode(self, x: Tensor) -> Tensor:
-        return self.first_stage.decode(x).clamp(-1, 1)
-
-    def latent_mask(self, mask: Tensor) -> Tensor:
-        """A latent is regenerated if any pixel it covers is (max-pooling the pixel mask by f)."""
-        f = self.first_stage.downsampling_factor
-        return F.max_pool2d(mask, f) if f > 1 else mask
+    def pipeline(self, use_ema: bool = True) -> Pipeline:
+        pipe = super().pipeline(use_ema)
+        return Pipeline(pipe.network, pipe.schedule, pipe.prediction, pipe.sampler, pipe.conditioner,
+                        guidance_scale=pipe.guidance_scale, image_shape=pipe.image_shape,
+                        first_stage=self.first_stage, image_size=self.image_size)
 
     # ---- the latent cache on disk ------------------------------------------------------------------
 

@@ -130,21 +130,17 @@ def conditional_accuracy(module, classifier: nn.Module, guidance_scales=(0.0, 1.
     w = 0 samples unconditionally, so its accuracy is the chance that an unconditional sample happens to be k
     (about 1 / num_classes). The same seeds are used for every w."""
     classes = torch.arange(num_classes).repeat_interleave(per_class)
+    pipe = module.pipeline()
+    seeds = [seed + k for k in range(len(classes))]  # the same seeds for every w
     results = {}
     for w in guidance_scales:
-        generator = torch.Generator(device=module.device).manual_seed(seed)
-        probs = []
-        for start in range(0, len(classes), batch_size):
-            ks = classes[start:start + batch_size].tolist()
-            if prompt_template is None:
-                condition = module.conditioner.from_request(labels=ks, device=module.device)
-            else:
-                condition = module.conditioner.from_request(prompts=[prompt_template.format(k) for k in ks],
-                                                            device=module.device)
-            images = module.generate(len(ks), sampler=sampler, generator=generator, condition=condition,
-                                     guidance_scale=w)
-            probs.append(predict(classifier, images.float().cpu()))
-        results[w] = digit_report(torch.cat(probs), targets=classes)
+        if prompt_template is None:
+            images = pipe(label=classes.tolist(), seed=seeds, guidance_scale=w, sampler=sampler,
+                          batch_size=batch_size, progress=False)
+        else:
+            images = pipe(prompt=[prompt_template.format(k) for k in classes.tolist()], seed=seeds,
+                          guidance_scale=w, sampler=sampler, batch_size=batch_size, progress=False)
+        results[w] = digit_report(predict(classifier, images.float().cpu() * 2 - 1), targets=classes)
     return results
 
 

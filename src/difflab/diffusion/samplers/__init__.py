@@ -1,0 +1,45 @@
+"""Samplers: a solver step and the grid it runs on, one signature for all (after k-diffusion's ``sampling.py``).
+
+    sampler = get_sampler("ddim", num_steps=50)         # conf/sampler/ddim.yaml with overrides
+    x0 = sampler.sample(Denoiser(model, schedule, "v_prediction"), x_T, generator=g)
+
+The options are the files of the ``sampler`` config group: a new solver is a module, a yaml and a test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difflab.diffusion.samplers.base import Callback, Denoise, Sampler
+from difflab.diffusion.samplers.ddim import DDIMSampler, require_invertible
+from difflab.diffusion.samplers.ddpm import DDPMSampler
+from difflab.diffusion.samplers.dpm_solver import DPMSolverPlusPlus2MSampler
+from difflab.diffusion.samplers.karras import EulerSampler, HeunSampler, KarrasSampler
+
+
+def _config_folder() -> Path:
+    from difflab.conf import CONFIG_DIR
+
+    return Path(CONFIG_DIR) / "sampler"
+
+
+def available_samplers() -> list[str]:
+    """The sampler names: the options of the ``sampler`` config group."""
+    return sorted(p.stem for p in _config_folder().glob("*.yaml"))
+
+
+def get_sampler(name: str, **overrides) -> Sampler:
+    """The sampler of ``conf/sampler/<name>.yaml`` (the same node as ``sampler=<name>``), with ``overrides``."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    path = _config_folder() / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(available_samplers())}")
+    kwargs = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), overrides))
+    # called directly rather than through hydra's instantiate, so a bad value raises its own one-line error
+    return get_class(kwargs.pop("_target_"))(**kwargs)
+
+
+__all__ = ["Callback", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoise", "EulerSampler",
+           "HeunSampler", "KarrasSampler", "Sampler", "available_samplers", "get_sampler", "require_invertible"]

@@ -1,0 +1,51 @@
+"""Checkpoints back into models: ``difflab.load(path)`` gives the Pipeline of a train.py checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflab.pipeline import Pipeline
+
+
+def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the trained LightningModule from the run config stored in a train.py checkpoint, with its weights."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(ckpt).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train first: python train.py)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    run_config = checkpoint.get("difflab_config")
+    if run_config is None:
+        raise ValueError(f"{path} has no difflab run config: was it written by difflab's train.py?")
+    model_config = OmegaConf.create(run_config)["model"]
+    if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
+        model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
+    sampler = model_config.get("sampler")
+    if sampler is not None and sampler.get("_partial_"):  # checkpoints from before samplers took no schedule
+        sampler.pop("_partial_")
+        sampler._target_ = sampler._target_.replace("difflab.diffusion.", "difflab.diffusion.samplers.", 1)
+    module = instantiate(model_config, _convert_="all")
+    module.load_state_dict(checkpoint["state_dict"])
+    module.run_config = run_config
+    return module.to(device).eval()
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA, else MPS, else CPU; any other name as torch spells it."""
+    if str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load(ckpt: str | Path, device: str | torch.device = "auto", use_ema: bool = True) -> Pipeline:
+    """The Pipeline of a train.py checkpoint: EMA weights by default, on ``device`` (auto: CUDA, MPS or CPU)."""
+    module = load_module(ckpt, resolve_device(device))
+    if not hasattr(module, "pipeline"):
+        raise ValueError(f"{ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to sample")
+    return module.pipeline(use_ema=use_ema)
