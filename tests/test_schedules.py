@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from difflab.diffusion import SCHEDULES, NoiseSchedule
+from difflab.conf import options
+from difflab.diffusion import NoiseSchedule
 
 
-@pytest.fixture(params=list(SCHEDULES))
+@pytest.fixture(params=options("schedule"))
 def schedule(request):
     return NoiseSchedule.from_name(request.param)
 
@@ -53,7 +54,7 @@ def test_zero_terminal_snr():
 
 
 def test_from_name_errors_list_valid_names():
-    with pytest.raises(ValueError, match="valid names: linear, scaled_linear, cosine, sigmoid"):
+    with pytest.raises(ValueError, match="valid: cosine, linear, scaled_linear, sigmoid"):
         NoiseSchedule.from_name("cosin")
     with pytest.raises(ValueError, match="betas"):
         NoiseSchedule(torch.tensor([0.1, 1.5]))

@@ -4,7 +4,30 @@ Add your own config folders in front of them with ``hydra.searchpath=[file://DIR
 is then selectable as ``network=mine``.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Any
 
 CONFIG_DIR = str(Path(__file__).resolve().parent)
 CONFIG_PACKAGE = "pkg://difflab.conf"
+
+
+def options(group: str) -> list[str]:
+    """The option names of a config group (its yaml files)."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def build(group: str, name: str, **overrides: Any) -> Any:
+    """What ``group=name`` builds (``conf/<group>/<name>.yaml`` with ``overrides``): the one source of truth behind
+    the Python helpers (``get_sampler``, ``NoiseSchedule.from_name``, ``get_prediction``). For flat groups (no
+    defaults list or interpolations)."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown {group} {name!r}; valid: {', '.join(options(group))}")
+    kwargs = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), overrides), resolve=True)
+    # called directly rather than through hydra's instantiate, so a bad value raises its own one-line error
+    return get_object(kwargs.pop("_target_"))(**kwargs)

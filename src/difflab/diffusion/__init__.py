@@ -11,7 +11,6 @@ from difflab.diffusion.objectives import (
     UniformWeighting,
 )
 from difflab.diffusion.parameterization import (
-    PREDICTIONS,
     EpsilonPrediction,
     Prediction,
     SamplePrediction,
@@ -28,11 +27,11 @@ from difflab.diffusion.samplers import (
     available_samplers,
     get_sampler,
 )
-from difflab.diffusion.schedules import SCHEDULES, NoiseSchedule
+from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 
 __all__ = [
-    "PREDICTIONS", "SCHEDULES", "SPACINGS",
+    "SPACINGS",
     "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoiser", "DiffusionLoss", "EpsilonPrediction",
     "EulerSampler", "Grid", "HeunSampler", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
     "Prediction", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",

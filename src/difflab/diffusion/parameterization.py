@@ -104,15 +104,10 @@ class VPrediction(Prediction):
         return x0_from_v(x_t, output, alpha, sigma), eps_from_v(x_t, output, alpha, sigma)
 
 
-PREDICTIONS: dict[str, type[Prediction]] = {
-    cls.name: cls for cls in (EpsilonPrediction, SamplePrediction, VPrediction)
-}
-
-
 def get_prediction(prediction: str | Prediction) -> Prediction:
-    """A ``Prediction`` from its name (``epsilon``, ``sample``, ``v_prediction``) or itself."""
+    """A ``Prediction`` itself, or ``prediction=<name>`` (conf/prediction: epsilon, sample, v_prediction)."""
     if isinstance(prediction, Prediction):
         return prediction
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction_type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-    return PREDICTIONS[prediction]()
+    from difflab.conf import build
+
+    return build("prediction", prediction)

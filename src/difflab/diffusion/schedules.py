@@ -62,7 +62,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 class NoiseSchedule:
     """A discrete variance-preserving forward process q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I).
 
-    Build one by name (``NoiseSchedule.from_name("cosine")``), with a named constructor
+    Build one by name (``NoiseSchedule.from_name("cosine")``, which reads conf/schedule), with a named constructor
     (``NoiseSchedule.cosine(num_timesteps=1000, s=0.008)``; these are the Hydra ``_target_``s), or from
     any betas. Tables: ``betas``, ``alphas``, ``alphas_cumprod``, ``snr`` (float64, CPU); helpers take a
     LongTensor t of shape (B,) and tensors of shape (B, ...).
@@ -106,12 +106,12 @@ class NoiseSchedule:
         return cls(sigmoid_betas(num_timesteps, beta_start, beta_end), name="sigmoid",
                    zero_terminal_snr=zero_terminal_snr)
 
-    @classmethod
-    def from_name(cls, name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
-        """Build a named schedule with diffusers' default constants; kwargs override them."""
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
-        return SCHEDULES[name](cls, num_timesteps=num_timesteps, **kwargs)
+    @staticmethod
+    def from_name(name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
+        """``schedule=<name>`` (conf/schedule/<name>.yaml: diffusers' default constants); kwargs override them."""
+        from difflab.conf import build
+
+        return build("schedule", name, num_timesteps=num_timesteps, **kwargs)
 
     # ---- tables ---------------------------------------------------------------------------------
 
@@ -192,10 +192,3 @@ class NoiseSchedule:
         mean = coef_x0 * x0.to(coef_x0.dtype) + coef_xt * x_t.to(coef_x0.dtype)
         return mean.to(x_t.dtype), variance
 
-
-SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
-    "linear": NoiseSchedule.linear.__func__,
-    "scaled_linear": NoiseSchedule.scaled_linear.__func__,
-    "cosine": NoiseSchedule.cosine.__func__,
-    "sigmoid": NoiseSchedule.sigmoid.__func__,
-}

@@ -8,8 +8,6 @@ The options are the files of the ``sampler`` config group: a new solver is a mod
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from difflab.diffusion.samplers.base import Callback, Denoise, Sampler
 from difflab.diffusion.samplers.ddim import DDIMSampler, require_invertible
 from difflab.diffusion.samplers.ddpm import DDPMSampler
@@ -17,28 +15,18 @@ from difflab.diffusion.samplers.dpm_solver import DPMSolverPlusPlus2MSampler
 from difflab.diffusion.samplers.karras import EulerSampler, HeunSampler, KarrasSampler
 
 
-def _config_folder() -> Path:
-    from difflab.conf import CONFIG_DIR
-
-    return Path(CONFIG_DIR) / "sampler"
-
-
 def available_samplers() -> list[str]:
     """The sampler names: the options of the ``sampler`` config group."""
-    return sorted(p.stem for p in _config_folder().glob("*.yaml"))
+    from difflab.conf import options
+
+    return options("sampler")
 
 
 def get_sampler(name: str, **overrides) -> Sampler:
     """The sampler of ``conf/sampler/<name>.yaml`` (the same node as ``sampler=<name>``), with ``overrides``."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
+    from difflab.conf import build
 
-    path = _config_folder() / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(available_samplers())}")
-    kwargs = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), overrides))
-    # called directly rather than through hydra's instantiate, so a bad value raises its own one-line error
-    return get_class(kwargs.pop("_target_"))(**kwargs)
+    return build("sampler", name, **overrides)
 
 
 __all__ = ["Callback", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoise", "EulerSampler",
