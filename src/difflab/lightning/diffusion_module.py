@@ -16,6 +16,7 @@ from difflab.diffusion.objectives import DiffusionLoss, LossWeighting
 from difflab.diffusion.parameterization import Prediction
 from difflab.diffusion.samplers import Sampler
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.lightning.compat import logs_this_step
 from difflab.lightning.distributed import seed_this_rank
 from difflab.lightning.optimization import optimizers_from_factories
 from difflab.pipeline import Pipeline
@@ -101,8 +102,7 @@ class DiffusionModule(L.LightningModule):
     def _logging_step(self) -> bool:
         """Whether the loggers write this step (every ``log_every_n_steps``): the per-bucket losses and the
         gradient norm are computed only then, as on other steps they would be computed and dropped."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return True if connector is None else bool(connector.should_update_logs)
+        return logs_this_step(self._trainer)
 
     def _log_loss_buckets(self, out) -> None:
         bucket = (out.t * self.loss_buckets // self.schedule.num_timesteps).detach()
@@ -126,6 +126,9 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
+        # Hand-written rather than Lightning's EMAWeightAveraging / torch.optim.swa_utils.AveragedModel: those use a
+        # fixed decay (no diffusers-style warm-up) and swap the averaged weights in for validation, while the
+        # pipeline, validation and checkpoints here use the EMA network beside the raw one (pipeline(use_ema=False)).
         n = int(self.ema_updates)
         decay = min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
         ema_params, params = list(self.ema.parameters()), list(self.network.parameters())

@@ -11,6 +11,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
+from difflab.lightning.compat import cluster_environment, last_saved_step
+
 
 class LastCheckpoint(L.Callback):
     """Writes ``checkpoints/last.ckpt`` when training ends (``ModelCheckpoint`` saves every N steps only, so a run
@@ -75,9 +77,7 @@ class LastCheckpoint(L.Callback):
                           for name in self.listened_signals() if hasattr(signal, name)}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the environment Lightning's signal connector consults (single-device strategies carry none themselves)
-        environment = getattr(trainer._accelerator_connector, "cluster_environment", None) or \
-            getattr(trainer.strategy, "cluster_environment", None)
+        environment = cluster_environment(trainer)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and getattr(environment, "auto_requeue", False)
         for name in self.listened_signals():
             if name == "SIGUSR1" and slurm_requeue:
@@ -111,7 +111,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         callback = trainer.checkpoint_callback
-        saved = max(self._saved_step, getattr(callback, "_last_global_step_saved", -1) if callback else -1)
+        saved = max(self._saved_step, last_saved_step(callback))
         if trainer.global_step != saved and trainer.global_step > 0:
             self.save(trainer)
 
