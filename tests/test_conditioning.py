@@ -255,8 +255,8 @@ def test_several_conditions_drop_independently(text_conditioner):
 
 @pytest.mark.parametrize("conditioning", ["class", "text", "class_text"])
 def test_two_step_training_with_each_conditioning(tmp_path, conditioning):
+    from configs import make_cfg
     from difflab.cli.train import run
-    from test_train import make_cfg
 
     trainer = run(make_cfg(tmp_path, f"conditioning={conditioning}", "sampler.num_steps=2"))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs import make_cfg
 from difflab.cli.train import run
-from test_train import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, PER_DEVICE = 4, 8

@@ -9,12 +9,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from configs import compose_config, make_cfg, sample_cfg
 from difflab.cli import CONFIG_DIR
 from difflab.cli.evaluate import evaluate, main, report
 from difflab.cli.sample import sample
 from difflab.cli.train import run
-from test_sample_cli import sample_cfg
-from test_train import compose_config, make_cfg
 
 
 def eval_cfg(*overrides: str):

@@ -7,9 +7,9 @@ import csv
 import pytest
 import torch
 
+from configs import make_cfg
 from difflab.cli.train import run
 from difflab.metrics.frechet import FeatureStatistics
-from test_train import make_cfg
 
 
 def fid_values(run_dir):

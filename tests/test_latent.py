@@ -8,14 +8,13 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from configs import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg, sample_cfg
 from difflab.cli.sample import sample
 from difflab.cli.train import run
 from difflab.latent import AutoencoderFirstStage, DiffusersFirstStage, load_first_stage
 from difflab.lightning import AutoencoderModule, LatentDiffusionModule
 from difflab.loading import load_module
 from difflab.nn import Autoencoder, DiagonalGaussian, PatchDiscriminator
-from test_sample_cli import sample_cfg
-from test_train import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg
 
 
 @pytest.mark.parametrize("channel_mult,f", [((1, 2), 2), ((1, 2, 2), 4), ((1, 2, 2, 4), 8)])

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from configs import make_cfg
 from difflab.cli.train import run
 from difflab.lightning.loggers import AppendingCSVLogger, wandb_api_key_configured, wandb_logger
-from test_train import make_cfg
 
 
 @pytest.fixture

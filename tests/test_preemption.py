@@ -60,8 +60,8 @@ def test_signal_saves_then_the_same_command_resumes(tmp_path, signum):
 
 def test_last_checkpoint_is_written_where_training_stops(tmp_path):
     """ModelCheckpoint saves every N steps; last.ckpt must still hold the final step (here 3, N = 2)."""
+    from configs import make_cfg
     from difflab.cli.train import run
-    from test_train import make_cfg
 
     run(make_cfg(tmp_path, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=2"))
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

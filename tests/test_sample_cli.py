@@ -9,14 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from configs import make_cfg, sample_cfg
 from difflab.cli.sample import sample
 from difflab.cli.train import run
 from difflab.loading import load_module
-from test_train import compose_config, make_cfg
-
-
-def sample_cfg(*overrides: str):
-    return compose_config("sample", *overrides)
 
 
 @pytest.fixture(scope="module")

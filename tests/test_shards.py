@@ -7,18 +7,14 @@ import torch
 from PIL import Image
 
 pytest.importorskip("webdataset")
+from configs import write_shards  # noqa: E402
 from difflab.data.make_shards import main as make_shards  # noqa: E402
 from difflab.data.shards import ShardedImages, WebDataModule  # noqa: E402
 
 
 @pytest.fixture
 def shards(tmp_path):
-    for label, name in enumerate(["cat", "dog"]):
-        (tmp_path / "src" / name).mkdir(parents=True)
-        for i in range(13):
-            Image.new("RGB", (12, 10), (label * 200, i * 15, 0)).save(tmp_path / "src" / name / f"{i}.png")
-    make_shards([str(tmp_path / "src"), str(tmp_path / "shards"), "--shard-size", "5"])
-    return tmp_path / "shards"
+    return write_shards(tmp_path)
 
 
 def test_shards_are_read_back_completely(shards):
@@ -52,8 +48,8 @@ def test_training_stream_is_resampled_with_a_fixed_epoch_and_seeded(shards, monk
 
 
 def test_webdataset_datamodule_trains(shards, tmp_path):
+    from configs import make_cfg
     from difflab.cli.train import run
-    from test_train import make_cfg
 
     trainer = run(make_cfg(tmp_path / "run", "data=webdataset", f"data.train_urls={shards}", "data.num_workers=0",
                            "data.image_size=8", "data.batch_size=8", "data.epoch_length=16", "data.num_classes=2",
@@ -108,9 +104,9 @@ def test_precomputed_encodings_of_another_width_are_refused(encoded_shards):
 
 
 def test_training_on_precomputed_encodings_never_encodes_a_caption(encoded_shards, tmp_path, monkeypatch):
+    from configs import make_cfg
     from difflab.cli.train import run
     from difflab.conditioning import TextEncoder
-    from test_train import make_cfg
 
     encoded = []
     original = TextEncoder.encode

@@ -13,9 +13,9 @@ import lightning as L
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from configs import make_cfg
 from difflab.cli.train import build
 from difflab.lightning.last_checkpoint import LastCheckpoint
-from test_train import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "difflab", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",

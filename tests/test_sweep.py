@@ -19,11 +19,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
+from configs import make_cfg
 from difflab.cli import CONFIG_DIR
 from difflab.cli.sweep_summary import main as summary_main
 from difflab.cli.sweep_summary import summarize, write_final_metrics
 from difflab.cli.train import run, stopped_by_signal
-from test_train import make_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data=digits", "network=tiny", "data.batch_size=16", "trainer.max_steps=3", "trainer.max_time=null",

@@ -7,36 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from difflab.cli import CONFIG_DIR
+from configs import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg, options, write_shards
 from difflab.cli.train import build, run
 
 GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "model", "optim",
           "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder", "precision"]
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-
-
-def compose_config(name: str, *overrides: str):
-    """conf/<name>.yaml composed with the overrides, as the entry point's Hydra main would."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-def make_cfg(tmp_path: Path, *overrides: str):
-    """The real config, shrunk: 8x8 digits, tiny network, a few steps, few sampler steps."""
-    base = [f"paths.output_dir={tmp_path}", "data=digits", "network=tiny", "data.batch_size=16",
-            "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "callbacks.sample_grid.every_n_steps=2", "callbacks.sample_grid.num_samples=4",
-            "callbacks.checkpoint.every_n_train_steps=2", "trainer.limit_val_batches=1"]
-    chosen = {o.split("=")[0] for o in overrides if "=" in o and "." not in o.split("=")[0]}
-    base = [o for o in base if o.split("=")[0] not in chosen]  # a group chosen in overrides replaces ours
-    return compose_config("train", *base, *overrides)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -54,9 +31,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
     if group == "data" and option == "webdataset":
-        from test_shards import shards as make_shards
-
-        overrides += [f"data.train_urls={make_shards.__wrapped__(tmp_path)}", "data.num_workers=0",
+        overrides += [f"data.train_urls={write_shards(tmp_path)}", "data.num_workers=0",
                       "data.image_size=8", "data.batch_size=4", "data.num_classes=2"]
     if group == "trainer" and option in ("gpu", "ddp", "multinode"):
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1",
@@ -91,12 +66,6 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         assert model(batch["image"], torch.zeros(len(batch["image"]), dtype=torch.long)).shape == (16, 10)
         return
     assert batch["image"].shape[1:] == model.pipeline().pixel_shape
-
-
-TINY_AUTOENCODER = ["model.autoencoder.channels=8", "model.autoencoder.channel_mult=[1,2]",
-                    "model.autoencoder.norm_groups=4"]  # f = 2: 4x4x4 latents of the 8x8 digits
-TINY_LATENT_NETWORK = ["network=latent_small", "network.model_channels=16", "network.head_dim=8",
-                       "network.norm_groups=8", "network.num_res_blocks=1"]
 
 
 def untrained_autoencoder_checkpoint(tmp_path: Path) -> Path:
