@@ -15,7 +15,7 @@ def text_encoder_from_config(name: str):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from difflab.cli import CONFIG_DIR
+    from difflab.conf import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return instantiate(compose("train", overrides=[f"text_encoder={name}"]).text_encoder)
