@@ -7,20 +7,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from difflab.lightning.distributed import seed_this_rank
-from difflab.lightning.optimization import optimizers_from_factories
+from difflab.lightning.base import DifflabModule
 from difflab.nn.autoencoder import Autoencoder
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(DifflabModule):
     """Trains ``autoencoder`` on loss = rec + kl_weight * KL [+ lambda * disc_weight * L_G after ``disc_start``].
 
     As in LDM, the reconstruction and KL terms are summed over each image's elements and averaged over the
@@ -49,20 +47,17 @@ class AutoencoderModule(L.LightningModule):
         latent_scale_window: int = 2048,  # images in the running estimate of the latents' std
         run_config: dict | None = None,  # the composed run config, stored in checkpoints
     ):
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, run_config)
         if reconstruction not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"unknown reconstruction loss {reconstruction!r}; "
                              f"valid: {', '.join(RECONSTRUCTION_LOSSES)}")
         self.autoencoder = autoencoder
         self.discriminator = discriminator
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self.kl_weight = kl_weight
         self.reconstruction = reconstruction
         self.disc_start = disc_start
         self.disc_weight = disc_weight
         self.latent_scale_window = latent_scale_window
-        self.run_config = run_config
         self.register_buffer("latent_scale", torch.ones((), dtype=torch.float64))
         # exponentially forgetting (count, sum, sum of squares) of the latents' elements
         self.register_buffer("latent_moments", torch.zeros(3, dtype=torch.float64))
@@ -86,9 +81,6 @@ class AutoencoderModule(L.LightningModule):
         rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-    def on_fit_start(self) -> None:
-        seed_this_rank(self.trainer)  # distinct posterior samples per rank
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = batch["image"]
@@ -155,9 +147,3 @@ class AutoencoderModule(L.LightningModule):
         pairs = [t for k in range(0, x.shape[0], row) for t in (x[k:k + row], x_hat[k:k + row])]
         return (torch.cat(pairs) + 1) / 2
 
-    def configure_optimizers(self):
-        return optimizers_from_factories(self.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["difflab_config"] = self.run_config

@@ -6,28 +6,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.diffusion import NoiseSchedule
-from difflab.lightning.distributed import seed_this_rank
-from difflab.lightning.optimization import optimizers_from_factories
+from difflab.lightning.base import DifflabModule
 
 
-class NoisyClassifierModule(L.LightningModule):
+class NoisyClassifierModule(DifflabModule):
     """Cross-entropy of ``network(x_t, t) -> logits`` with t uniform and x_t from the forward process
     (``model=classifier``). Logs train/loss, train/acc, and val/acc_t<k> per range of t. Its checkpoint is
     what ``sample.py classifier_ckpt=PATH classifier_scale=s`` guides with."""
 
     def __init__(self, network: nn.Module, schedule: NoiseSchedule, optimizer: Callable[..., torch.optim.Optimizer],
                  lr_scheduler: Callable[..., Any] | None = None, buckets: int = 4, run_config: dict | None = None):
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, run_config)
         self.network, self.schedule = network, schedule
-        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.buckets = buckets
-        self.run_config = run_config
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.network(x_t, t)
@@ -39,9 +35,6 @@ class NoisyClassifierModule(L.LightningModule):
                           device=gen_device).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
         return self.schedule.add_noise(x0, noise, t), t, labels
-
-    def on_fit_start(self) -> None:
-        seed_this_rank(self.trainer)  # distinct noise and timesteps per rank
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x_t, t, labels = self._noisy(batch)
@@ -62,10 +55,5 @@ class NoisyClassifierModule(L.LightningModule):
                 self.log(f"val/acc_t{k}", correct[bucket == k].mean(), sync_dist=True,
                          batch_size=int((bucket == k).sum()))
 
-    def configure_optimizers(self):
-        return optimizers_from_factories(self.network.parameters(), self.optimizer_factory,
-                                         self.lr_scheduler_factory)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["difflab_config"] = self.run_config
+    def trainable_parameters(self):
+        return self.network.parameters()

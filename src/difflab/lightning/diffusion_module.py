@@ -6,7 +6,6 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -16,13 +15,12 @@ from difflab.diffusion.objectives import DiffusionLoss, LossWeighting
 from difflab.diffusion.parameterization import Prediction
 from difflab.diffusion.samplers import Sampler
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.lightning.base import DifflabModule
 from difflab.lightning.compat import logs_this_step
-from difflab.lightning.distributed import seed_this_rank
-from difflab.lightning.optimization import optimizers_from_factories
 from difflab.pipeline import Pipeline
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(DifflabModule):
     """Trains ``network`` to denoise under ``schedule``; validates with the EMA weights and hands out
     ``pipeline()`` for sampling and editing with them.
 
@@ -50,20 +48,17 @@ class DiffusionModule(L.LightningModule):
         conditioner: Conditioner | None = None,  # class / text conditioning with condition dropout; None: none
         guidance_scale: float = 1.0,  # classifier-free guidance for previews (sample grids, generate's default)
     ):
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, run_config)
         self.network = network
         self.ema = copy.deepcopy(network).requires_grad_(False).eval()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.schedule = schedule
         self.sampler = sampler
         self.loss = DiffusionLoss(prediction, loss_weighting)
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.image_shape = tuple(image_shape)
         self.loss_buckets = loss_buckets
-        self.run_config = run_config
         self.compile = compile
         self.conditioner = conditioner if conditioner is not None else NoConditioning()
         self.guidance_scale = guidance_scale
@@ -87,9 +82,6 @@ class DiffusionModule(L.LightningModule):
             kwargs = {} if self.compile is True else dict(self.compile)
             self.__dict__["_compiled_network"] = torch.compile(self.network, **kwargs)
         return self.__dict__["_compiled_network"]
-
-    def on_fit_start(self) -> None:
-        seed_this_rank(self.trainer)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         condition = self.conditioner.training_condition(batch)  # null with probability drop_prob
@@ -137,9 +129,8 @@ class DiffusionModule(L.LightningModule):
             ema_buffer.copy_(buffer)
         self.ema_updates += 1
 
-    def configure_optimizers(self):
-        return optimizers_from_factories(self.network.parameters(), self.optimizer_factory,
-                                         self.lr_scheduler_factory)
+    def trainable_parameters(self):
+        return self.network.parameters()
 
     # ---- validation and sampling with the EMA weights --------------------------------------------
 
@@ -162,9 +153,4 @@ class DiffusionModule(L.LightningModule):
         per class for class-conditional models) and the module's guidance."""
         return self.pipeline()(n, seed=seed, batch_size=n, progress=False)
 
-    # ---- checkpoints ------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["difflab_config"] = self.run_config
 
