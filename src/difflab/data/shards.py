@@ -24,16 +24,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
+from difflab.extras import require
+
 
 def write_shards(source: str | Path, destination: str | Path, shard_size: int = 1000, text_encoder=None,
                  encode_batch: int = 256) -> list[Path]:
     """Write the images of an image folder (class subfolders or metadata.jsonl) to DST/shard-XXXXXX.tar; with
     ``text_encoder`` (a ``difflab.conditioning.TextEncoder``) each caption's encoding too, in batches of
     ``encode_batch`` captions."""
-    import webdataset as wds
     from PIL import Image
 
     from difflab.data.datasets import NO_LABEL, ImageFolder
+
+    wds = require("webdataset", "webdataset", "difflab.data.make_shards")
 
     folder = ImageFolder(source, image_size=8)  # only its file list and captions are used
     destination = Path(destination)
@@ -66,8 +69,7 @@ def _encode_captions(text_encoder, captions: list[str]):
 
 def shard_urls(urls: str | list[str]) -> list[str]:
     """A directory (its *.tar files), a brace pattern ("shards/shard-{000000..000009}.tar") or a list."""
-    import braceexpand
-
+    braceexpand = require("braceexpand", "webdataset", "data=webdataset")
     if isinstance(urls, (list, tuple)):
         return [str(u) for u in urls]
     path = Path(urls).expanduser()
@@ -118,8 +120,7 @@ class ShardedImages(IterableDataset):
         return out
 
     def pipeline(self):
-        import webdataset as wds
-
+        wds = require("webdataset", "webdataset", "data=webdataset")
         if self.resampled:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(f"{self.seed}/{rank}/{worker}")  # a stream per (seed, rank, worker)

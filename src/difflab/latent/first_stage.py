@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab.extras import require
 from difflab.nn.autoencoder import Autoencoder
 
 AUTOENCODER_MODULE = "difflab.lightning.AutoencoderModule"
@@ -141,11 +142,7 @@ class DiffusersFirstStage(FirstStage):
 
     @staticmethod
     def _autoencoder_kl():
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError as err:
-            raise ImportError("first_stage.pretrained needs diffusers: pip install 'difflab[diffusers]'") from err
-        return AutoencoderKL
+        return require("diffusers", "diffusers", "first_stage.pretrained").AutoencoderKL
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, subfolder: str | None = None, scale_factor: float | None = None,

@@ -14,6 +14,9 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from difflab.extras import require
+from difflab.lightning.compat import wandb_run_started
+
 
 class AppendingCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a ``metrics.csv`` already in the log directory (a run resumed into
@@ -54,11 +57,9 @@ def wandb_logger(save_dir: str, project: str = "difflab", entity: str | None = N
     restarted in the same directory continues the same W&B run. Offline runs can be uploaded later with
     ``wandb sync save_dir/wandb/offline-run-*``.
     """
-    try:
-        import wandb  # noqa: F401
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError as err:
-        raise ImportError("logger=wandb needs the wandb package: pip install 'difflab[wandb]'") from err
+    require("wandb", "wandb", "logger=wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
     valid = ("auto", "online", "offline", "disabled")
     if mode not in valid:
         raise ValueError(f"unknown W&B mode {mode!r}; valid: {', '.join(valid)}")
@@ -81,5 +82,5 @@ def finish_wandb_runs(loggers) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and wandb_run_started(logger):
             logger.experiment.finish()

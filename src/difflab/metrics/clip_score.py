@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from difflab.extras import require
+
 
 def _embedding(output) -> Tensor:
     """A projected CLIP embedding from ``get_*_features``: a tensor (transformers 4) or an output object (5)."""
@@ -30,11 +32,10 @@ class CLIPScore(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str = "openai/clip-vit-base-patch16",
                         local_files_only: bool = False) -> CLIPScore:
-        from transformers import CLIPModel, CLIPProcessor
-
+        transformers = require("transformers", "text", "CLIPScore (clip_model=)")
         try:
-            model = CLIPModel.from_pretrained(name_or_path, local_files_only=local_files_only)
-            processor = CLIPProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
+            model = transformers.CLIPModel.from_pretrained(name_or_path, local_files_only=local_files_only)
+            processor = transformers.CLIPProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
         except OSError as err:
             raise ValueError(f"could not load a CLIP model from {name_or_path!r} (a hub id or a folder written by "
                              f"save_pretrained); offline, judge digits by class accuracy instead: {err}") from err

