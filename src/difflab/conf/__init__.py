@@ -1,7 +1,7 @@
 """difflab's Hydra configs, shipped in the package: ``pkg://difflab.conf`` (``CONFIG_DIR`` is its folder).
 
-Add your own config folders in front of them with ``hydra.searchpath=[file://DIR]``: a ``DIR/network/mine.yaml``
-is then selectable as ``network=mine``.
+Add your own config folders beside them with ``hydra.searchpath=[file://DIR]``: a ``DIR/network/mine.yaml`` is then
+selectable as ``network=mine`` (Hydra searches the shipped configs first: give your files new names).
 """
 
 from __future__ import annotations
