@@ -79,7 +79,8 @@ class ImageFolder(Dataset):
     {"file_name", "text"} captions (the Hugging Face imagefolder convention).
 
     Images are resized (shorter side) and center-cropped to ``image_size``, optionally flipped at random,
-    scaled to [-1, 1]. An unreadable image raises an error naming its path.
+    scaled to [-1, 1]. An unreadable image raises an error naming its path. Not torchvision's ImageFolder: that
+    reads class subfolders only, and we also need the captions of a metadata.jsonl and dict items with a caption.
     """
 
     def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, random_flip: bool = False,
