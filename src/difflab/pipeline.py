@@ -208,7 +208,7 @@ class Pipeline:
             for start in tqdm(range(0, count, batch_size), desc="sampling", leave=False,
                               disable=not progress or count <= batch_size):
                 rows = slice(start, min(start + batch_size, count))
-                gens = generators[rows] if isinstance(generators, list) else generators
+                gens = generators[rows] if isinstance(generators, (list, tuple)) else generators
                 out.append(self._batch(
                     sampler, rows, cond, scale, guidance_rescale, gens, noise, init, masks, strength, resample,
                     None if classifier is None else (classifier, labels[rows], classifier_scale), progress))
