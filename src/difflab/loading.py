@@ -24,14 +24,19 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     model_config = OmegaConf.create(run_config)["model"]
     if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
         model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
-    sampler = model_config.get("sampler")
-    if sampler is not None and sampler.get("_partial_"):  # checkpoints from before samplers took no schedule
-        sampler.pop("_partial_")
-        sampler._target_ = sampler._target_.replace("difflab.diffusion.", "difflab.diffusion.samplers.", 1)
+    if model_config.get("sampler") is not None:
+        upgrade_sampler_config(model_config.sampler)
     module = instantiate(model_config, _convert_="all")
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = run_config
     return module.to(device).eval()
+
+
+def upgrade_sampler_config(node) -> None:
+    """A sampler node of a checkpoint from before samplers took no schedule (``_partial_``), in place."""
+    if node.get("_partial_"):
+        node.pop("_partial_")
+        node._target_ = node._target_.replace("difflab.diffusion.", "difflab.diffusion.samplers.", 1)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -27,7 +27,7 @@ from torchvision.utils import make_grid, save_image
 from difflab.cli import CONFIG_PACKAGE
 from difflab.conditioning.base import NoConditioning
 from difflab.data.images import load_image, load_mask
-from difflab.loading import load_module, resolve_device
+from difflab.loading import load_module, resolve_device, upgrade_sampler_config
 from difflab.pipeline import Pipeline
 
 
@@ -36,9 +36,7 @@ def checkpoint_sampler(cfg: DictConfig, module):
     ``cfg.steps`` steps if given."""
     sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
     sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps} if cfg.get("steps") is not None else {})
-    if sampler_cfg.get("_partial_"):  # checkpoints from before samplers took no schedule
-        sampler_cfg.pop("_partial_")
-        sampler_cfg._target_ = sampler_cfg._target_.replace("difflab.diffusion.", "difflab.diffusion.samplers.", 1)
+    upgrade_sampler_config(sampler_cfg)
     return instantiate(sampler_cfg), sampler_cfg
 
 

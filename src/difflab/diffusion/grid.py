@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ class Grid:
             raise ValueError(f"start index {start} outside the grid of {len(self)} steps")
         return Grid(self.timesteps[start:], self.alphas_cumprod[start:])
 
-    @property
+    @cached_property  # read at every step of the sigma samplers: computed once per grid, not per step
     def sigmas(self) -> list[float]:
         """The variance-exploding sigma = sqrt((1 - abar) / abar) of each point (Karras et al. 2022, Eq. 4 with
         s(t) = 1); the last is 0; inf where alpha_bar = 0."""

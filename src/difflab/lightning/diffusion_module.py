@@ -146,7 +146,12 @@ class DiffusionModule(DifflabModule):
         """What sampling needs, handed out: the EMA (or raw) network with the schedule, parameterisation,
         conditioner, default sampler and guidance. It shares the module's weights (no copy)."""
         return Pipeline(self.ema if use_ema else self.network, self.schedule, self.loss.prediction, self.sampler,
-                        self.conditioner, guidance_scale=self.guidance_scale, image_shape=self.image_shape)
+                        self.conditioner, guidance_scale=self.guidance_scale, image_shape=self.image_shape,
+                        **self.pipeline_space())
+
+    def pipeline_space(self) -> dict:
+        """The Pipeline's way between images and the diffusion space: pixels here (a first stage for latents)."""
+        return {}
 
     def preview(self, n: int, seed: int = 0) -> Tensor:
         """n EMA samples in [0, 1] for the sample-grid callback, under the conditioner's balanced examples (one row

@@ -13,7 +13,6 @@ from torch import Tensor
 from difflab.files import atomic_write
 from difflab.latent.first_stage import FirstStage
 from difflab.lightning.diffusion_module import DiffusionModule
-from difflab.pipeline import Pipeline
 
 
 class LatentDiffusionModule(DiffusionModule):
@@ -70,11 +69,8 @@ class LatentDiffusionModule(DiffusionModule):
         std = torch.stack([self._latent_cache[i][1] for i in indices])
         return mean + std * torch.randn_like(mean)
 
-    def pipeline(self, use_ema: bool = True) -> Pipeline:
-        pipe = super().pipeline(use_ema)
-        return Pipeline(pipe.network, pipe.schedule, pipe.prediction, pipe.sampler, pipe.conditioner,
-                        guidance_scale=pipe.guidance_scale, image_shape=pipe.image_shape,
-                        first_stage=self.first_stage, image_size=self.image_size)
+    def pipeline_space(self) -> dict:
+        return {"first_stage": self.first_stage, "image_size": self.image_size}
 
     # ---- the latent cache on disk ------------------------------------------------------------------
 
