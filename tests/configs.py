@@ -52,3 +52,32 @@ def write_shards(tmp_path: Path) -> Path:
             Image.new("RGB", (12, 10), (label * 200, i * 15, 0)).save(tmp_path / "src" / name / f"{i}.png")
     make_shards([str(tmp_path / "src"), str(tmp_path / "shards"), "--shard-size", "5"])
     return tmp_path / "shards"
+
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def write_shapes(root: Path, per_class: int = 12, size: int = 16, seed: int = 0, mode: str = "RGB") -> Path:
+    """An image folder of coloured shapes in class subfolders (circle, square, triangle): random colours, sizes and
+    positions on a random light background."""
+    import random
+
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
+    for name in SHAPES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(rng.randrange(180, 256) for _ in range(3)))
+            r = rng.uniform(0.25, 0.45) * size
+            cx, cy = (rng.uniform(r, size - r) for _ in range(2))
+            colour = tuple(rng.randrange(0, 160) for _ in range(3))
+            draw = ImageDraw.Draw(image)
+            if name == "circle":
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+            elif name == "square":
+                draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            image.convert(mode).save(root / name / f"{i:03d}.png")
+    return root

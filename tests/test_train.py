@@ -26,8 +26,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
 
         for i in range(10):
             Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / f"{i}.png")
-        overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "data.channels=3",
-                      "data.num_workers=0", "data.num_classes=1"]
+        overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "data.num_workers=0"]  # auto: 3, 1
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
     if group == "data" and option == "webdataset":

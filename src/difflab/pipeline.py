@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from difflab.conditioning.base import Condition, Conditioner, NoConditioning
+from difflab.conditioning.base import ClassConditioner, Condition, Conditioner, MultiConditioner, NoConditioning
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.editing import noise_to_start, repaint, strength_start_index
 from difflab.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance, Conditioned
@@ -124,6 +124,8 @@ class Pipeline:
             examples = self.conditioner.examples(n, self.device)  # balanced: one class per grid row
             return examples, list(range(n)), examples.get("class_labels")
         values = _as_list(label if label is not None else prompt)
+        if label is not None:
+            values = self.label_indices(values)
         repeated = [v for v in values for _ in range(n)]
         index = [k for _ in values for k in range(n)]
         labels = torch.tensor(repeated, device=self.device) if label is not None else None
@@ -133,6 +135,26 @@ class Pipeline:
             return None, index, labels
         kwargs = {"labels": repeated} if label is not None else {"prompts": repeated}
         return self.conditioner.from_request(**kwargs, device=self.device), index, labels
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names of a class-conditional model's classes (an image folder's subfolders), if it has them."""
+        part = self._class_part()
+        return None if part is None else part.class_names
+
+    def _class_part(self) -> ClassConditioner | None:
+        conditioner = self.conditioner
+        parts = conditioner.parts.values() if isinstance(conditioner, MultiConditioner) else [conditioner]
+        return next((part for part in parts if isinstance(part, ClassConditioner)), None)
+
+    def label_indices(self, labels: Sequence[int | str]) -> list[int]:
+        """Labels as class indices: class names (``label="circle"``) through the model's names, integers as given."""
+        part = self._class_part()
+        if part is not None:
+            return part.label_indices(labels)
+        if any(isinstance(label, str) for label in labels):
+            raise ValueError(f"class names ({labels}) need a class-conditional model: ask with label=K")
+        return [int(label) for label in labels]
 
     def _generators(self, count: int, index: list[int], seed, generator) -> list[torch.Generator] | torch.Generator:
         if generator is not None:
@@ -166,7 +188,7 @@ class Pipeline:
 
     # ---- generation -----------------------------------------------------------------------------------
 
-    def __call__(self, n: int | None = None, *, label: int | Sequence[int] | None = None,
+    def __call__(self, n: int | None = None, *, label: int | str | Sequence[int | str] | None = None,
                  prompt: str | Sequence[str] | None = None, condition: Condition | None = None,
                  unconditional: bool = False, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                  sampler: Sampler | str | None = None, steps: int | None = None,
@@ -264,7 +286,7 @@ class Pipeline:
 
     # ---- inversion --------------------------------------------------------------------------------------
 
-    def invert(self, images: ImageInput, *, label: int | Sequence[int] | None = None,
+    def invert(self, images: ImageInput, *, label: int | str | Sequence[int | str] | None = None,
                prompt: str | Sequence[str] | None = None, guidance_scale: float = 1.0,
                sampler: Sampler | str | None = None, steps: int | None = None, fixed_point_iterations: int = 1,
                progress: bool = True) -> Tensor:

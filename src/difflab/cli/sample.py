@@ -57,9 +57,9 @@ def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {prompt!r}")
         return [(slug(p), {"prompt": p}) for p in prompts]
-    if labels is not None:
-        labels = [labels] if isinstance(labels, int) else list(labels)
-        return [(f"label{k}", {"label": int(k)}) for k in labels]
+    if labels is not None:  # class indices (label=7) or, for image-folder models, class names (label=circle)
+        labels = [labels] if isinstance(labels, (int, str)) else list(labels)
+        return [(slug(k) if isinstance(k, str) else f"label{k}", {"label": k}) for k in labels]
     return [("", {})]
 
 
@@ -159,7 +159,7 @@ def invert_and_regenerate(cfg: DictConfig, pipe: Pipeline, sampler, asked: list[
     if cfg.get("source_prompt") is not None:
         source["prompt"] = str(cfg.source_prompt)
     if cfg.get("source_label") is not None:
-        source["label"] = int(cfg.source_label)
+        source["label"] = cfg.source_label
     conditional = not isinstance(pipe.conditioner, NoConditioning)
     x_T = pipe.invert(image, **(source if conditional else {}), sampler=sampler, progress=cfg.progress)
     edits = []

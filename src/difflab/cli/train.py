@@ -15,12 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import CONFIG_PACKAGE
 from difflab.cli.sweep_summary import METRICS_FILE, write_final_metrics
+from difflab.data.layout import resolve_folder_config
 from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
-    """Instantiate data, model, callbacks, loggers and trainer from a composed config."""
+    """Instantiate data, model, callbacks, loggers and trainer from a composed config (its ``auto`` data values
+    read from the data first, in place, so that the saved config and the checkpoints hold them)."""
+    resolve_folder_config(cfg.data)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, _convert_="all")
     # set after instantiation: passed through instantiate, its _target_ nodes would be built too

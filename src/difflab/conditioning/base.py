@@ -76,14 +76,33 @@ class NoConditioning(Conditioner):
 
 class ClassConditioner(Conditioner):
     """Class labels, embedded by the network's class table (``network.num_classes``), whose extra learned
-    row ``num_classes`` is the null class."""
+    row ``num_classes`` is the null class. ``class_names`` (an image folder's class subfolders) let users ask for
+    a class by name."""
 
-    def __init__(self, num_classes: int | None, drop_prob: float = 0.1):
+    def __init__(self, num_classes: int | None, drop_prob: float = 0.1, class_names: Sequence[str] | None = None):
         super().__init__(drop_prob)
         if not num_classes or num_classes < 1:
-            raise ValueError(f"conditioning=class needs the number of classes, got {num_classes!r}: set "
-                             "data.num_classes=K (class subfolders), or train without labels: conditioning=none")
+            raise ValueError(f"conditioning=class needs the number of classes, got {num_classes!r}: give the images "
+                             "class subfolders, set data.num_classes=K, or train without labels: conditioning=none")
+        if class_names is not None and len(class_names) > num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def label_indices(self, labels: Sequence[int | str]) -> list[int]:
+        """Labels as class indices: names through ``class_names``, integers as they are (checked either way)."""
+        indices = []
+        for label in labels:
+            if isinstance(label, str):
+                if not self.class_names or label not in self.class_names:
+                    known = f"its classes: {', '.join(self.class_names)}" if self.class_names else \
+                        f"it has no class names: ask with label=K, K in 0..{self.num_classes - 1}"
+                    raise ValueError(f"unknown class {label!r}; {known}")
+                label = self.class_names.index(label)
+            if not 0 <= int(label) < self.num_classes:
+                raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {label}")
+            indices.append(int(label))
+        return indices
 
     def forward(self, batch: dict) -> Condition:
         labels = torch.as_tensor(batch["label"]).long()
@@ -100,16 +119,13 @@ class ClassConditioner(Conditioner):
         labels = condition["class_labels"]
         return {**condition, "class_labels": torch.where(keep, labels, torch.full_like(labels, self.num_classes))}
 
-    def from_request(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+    def from_request(self, labels: Sequence[int | str] | None = None, prompts: Sequence[str] | None = None,
                      device: torch.device | str = "cpu") -> Condition:
         if prompts:
             raise ValueError("this model is class-conditional: ask with label=K, not prompt=...")
         if labels is None:
             raise ValueError(f"this model is class-conditional: give label=K with K in 0..{self.num_classes - 1}")
-        labels = torch.as_tensor(list(labels), dtype=torch.long)
-        if (labels < 0).any() or (labels >= self.num_classes).any():
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
-        return {"class_labels": labels.to(device)}
+        return {"class_labels": torch.tensor(self.label_indices(labels), dtype=torch.long, device=device)}
 
     def examples(self, n: int, device: torch.device | str = "cpu") -> Condition:
         """Every class in turn, in contiguous blocks: a 10 x 10 grid of 100 samples has one digit per row."""

@@ -21,10 +21,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         root: str | None = None,  # folder datasets: where the files are (`data.root=DIR`), passed on to them
         num_classes: int | None = None,  # labelled datasets: how many classes (conditioning=class reads it)
         channels: int | None = None,  # image channels (the networks' configs read it)
+        class_names: list[str] | None = None,  # labelled datasets: the classes' names (conditioning=class reads them)
     ):
         super().__init__()
-        self.channels = channels
-        self.num_classes = num_classes
+        self.channels, self.num_classes, self.class_names = channels, num_classes, class_names
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.dataset = dataset

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from difflab.data.images import fit_transform, read_image
+from difflab.data.layout import NO_LABEL, FolderLayout
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten {digit}", "the digit {word}", "a handwritten {word}", "the number {digit}",
                    "a {word} written by hand", "digit {digit}")
-NO_LABEL = -1
 
 
 def digit_caption(label: int, rng: random.Random | None = None) -> str:
@@ -71,12 +72,9 @@ def digits(image_size: int = 8) -> LabelledImages:
     return LabelledImages(images, torch.from_numpy(data.target), name="sklearn_digits")
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
 class ImageFolder(Dataset):
     """A folder of images with either class subfolders (root/<class>/*.png) or a ``metadata.jsonl`` of
-    {"file_name", "text"} captions (the Hugging Face imagefolder convention).
+    {"file_name", "text"} captions (the Hugging Face imagefolder convention; see ``FolderLayout``).
 
     Images are resized (shorter side) and center-cropped to ``image_size``, optionally flipped at random,
     scaled to [-1, 1]. An unreadable image raises an error naming its path. Not torchvision's ImageFolder: that
@@ -85,50 +83,18 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, random_flip: bool = False,
                  class_names: Sequence[str] | None = None):
-        from torchvision.transforms import v2
-
-        self.root = Path(root).expanduser()
+        layout = FolderLayout.read(root, class_names)
+        self.root, self.items, self.class_names = layout.root, layout.items, layout.class_names
         self.name = f"imagefolder_{self.root.resolve().name}"  # keys cached statistics (FID)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root} (set data.root=DIR)")
         self.channels = channels
         self.random_flip = random_flip  # latent caching reads it: a cached latent would freeze one flip
-        metadata = self.root / "metadata.jsonl"
-        if metadata.exists():
-            self.items = []
-            for n, line in enumerate(metadata.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                        self.items.append((self.root / record["file_name"], NO_LABEL, str(record.get("text", ""))))
-                    except (json.JSONDecodeError, KeyError) as err:
-                        raise ValueError(f"{metadata}:{n}: expected {{'file_name': ..., 'text': ...}}: {err}") from err
-            self.class_names: list[str] = []
-        else:
-            self.class_names = list(class_names or sorted(p.name for p in self.root.iterdir() if p.is_dir()))
-            self.items = [(path, label, name) for label, name in enumerate(self.class_names)
-                          for path in sorted((self.root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
-        if not self.items:
-            raise ValueError(f"no images found in {self.root}: expected class subfolders or a metadata.jsonl")
-        self.transform = v2.Compose([
-            v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-            *([v2.RandomHorizontalFlip()] if random_flip else []),
-            v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels),
-        ])
+        self.transform = fit_transform(image_size, channels, random_flip)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image, UnidentifiedImageError
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         path, label, text = self.items[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                image = pil_to_tensor(img)
-        except (OSError, UnidentifiedImageError) as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+        image = self.transform(read_image(path, self.channels))
         caption = text if label == NO_LABEL else f"a photo of a {text}"
-        return {"image": self.transform(image), "label": label, "caption": caption, "index": index}
+        return {"image": image, "label": label, "caption": caption, "index": index}

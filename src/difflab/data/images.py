@@ -1,15 +1,26 @@
-"""Reading single images and masks from disk into the tensors the models take (sample.py's editing inputs)."""
+"""Image files into the tensors the models take: one way to read and fit an image to a model's channels and
+resolution, used by the image-folder dataset, sample.py's editing inputs and evaluate.py's sample folders (so real
+and generated images are compared as the same kind of tensor)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+from difflab.data.layout import IMAGE_SUFFIXES
 
-def _read(path: str | Path, mode: str) -> Tensor:
+
+class UnreadableImageError(OSError, ValueError):
+    """An image file PIL cannot decode (both an OSError, as PIL's own, and a ValueError: a bad input)."""
+
+
+def read_image(path: str | Path, channels: int) -> Tensor:
+    """An image file as uint8 (channels, H, W): converted to grayscale (1) or RGB (3)."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -18,24 +29,75 @@ def _read(path: str | Path, mode: str) -> Tensor:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return pil_to_tensor(img.convert(mode))
+            return pil_to_tensor(img.convert("L" if channels == 1 else "RGB"))
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+def fit_transform(size: int, channels: int, random_flip: bool = False) -> v2.Compose:
+    """uint8 (C, H, W) -> float (C, size, size) in [-1, 1]: the shorter side resized to ``size``, centre-cropped
+    (the training data's transform, and diffusers' image pipelines')."""
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       *([v2.RandomHorizontalFlip()] if random_flip else []),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels)])
 
 
 def load_image(path: str | Path, channels: int, size: int) -> Tensor:
-    """An image file as (1, channels, size, size) in [-1, 1]: resized (shorter side) and centre-cropped like
-    the training data."""
-    image = _read(path, "L" if channels == 1 else "RGB")
-    transform = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                            v2.ToDtype(torch.float32, scale=True)])
-    return (transform(image) * 2 - 1).unsqueeze(0)
+    """An image file as (1, channels, size, size) in [-1, 1], fitted like the training data."""
+    return fit_transform(size, channels)(read_image(path, channels)).unsqueeze(0)
+
+
+@dataclass
+class FolderImages:
+    """Images read from a folder, with what was done to them: ``resized`` counts the original sizes (H, W) that
+    were not the target's."""
+
+    images: Tensor  # (N, C, size, size) in [-1, 1]
+    files: list[Path]
+    resized: Counter = field(default_factory=Counter)
+
+    def notes(self, size: int) -> list[str]:
+        return [f"resized {count} image(s) of {h}x{w} to {size}x{size} (shorter side, centre crop)"
+                for (h, w), count in sorted(self.resized.items())]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder of samples, sorted by name (``grid.png``, a grid of them, left out)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"samples folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem != "grid")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+def load_images(folder: str | Path, channels: int, size: int, n: int | None = None) -> FolderImages:
+    """The images of a folder (sorted by name; ``grid.png`` skipped), the first ``n`` or all, fitted to
+    ``channels`` x ``size`` x ``size`` like the training data."""
+    files = image_files(folder)
+    files = files[:n] if n is not None else files
+    transform, out = fit_transform(size, channels), FolderImages(torch.empty(0), files)
+    images = []
+    for path in files:
+        pixels = read_image(path, channels)
+        if tuple(pixels.shape[-2:]) != (size, size):
+            out.resized[tuple(pixels.shape[-2:])] += 1
+        images.append(transform(pixels))
+    out.images = torch.stack(images)
+    return out
+
+
+def is_grayscale(images: Tensor, tolerance: float = 2 / 255) -> bool:
+    """Whether images (N, C, H, W) in [-1, 1] hold no colour: one channel, or channels equal to within a grey level
+    (of the [0, 1] scale)."""
+    return images.shape[1] == 1 or bool((images - images.mean(1, keepdim=True)).abs().max() <= tolerance * 2)
 
 
 def load_mask(path: str | Path, size: int) -> Tensor:
     """An inpainting mask as (1, 1, size, size) in {0, 1}: white (>= 50 % grey) marks what to regenerate, black
     what to keep (the convention of diffusers' inpainting pipelines)."""
-    mask = _read(path, "L")
+    mask = read_image(path, 1)
     transform = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.NEAREST), v2.CenterCrop(size),
                             v2.ToDtype(torch.float32, scale=True)])
     return (transform(mask) >= 0.5).float().unsqueeze(0)

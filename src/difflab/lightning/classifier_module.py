@@ -20,10 +20,16 @@ class NoisyClassifierModule(DifflabModule):
     what ``sample.py classifier_ckpt=PATH classifier_scale=s`` guides with."""
 
     def __init__(self, network: nn.Module, schedule: NoiseSchedule, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr_scheduler: Callable[..., Any] | None = None, buckets: int = 4, run_config: dict | None = None):
+                 lr_scheduler: Callable[..., Any] | None = None, buckets: int = 4, run_config: dict | None = None,
+                 num_classes: int | None = None,  # the data's (null: unlabelled, refused); the network's outputs
+                 clean: bool = False):  # clean images only: a classifier of samples (evaluate.py classifier=PATH)
         super().__init__(optimizer, lr_scheduler, run_config)
+        if not num_classes:
+            raise ValueError("model=classifier needs labelled data: class subfolders, or data.num_classes=K")
+        if network.out_channels != num_classes:
+            raise ValueError(f"the classifier network has {network.out_channels} outputs for {num_classes} classes")
         self.network, self.schedule = network, schedule
-        self.buckets = buckets
+        self.buckets, self.clean = buckets, clean
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.network(x_t, t)
@@ -31,6 +37,8 @@ class NoisyClassifierModule(DifflabModule):
     def _noisy(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         x0, labels = batch["image"], torch.as_tensor(batch["label"], device=batch["image"].device)
         gen_device = generator.device if generator is not None else x0.device
+        if self.clean:
+            return x0, torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device), labels
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
                           device=gen_device).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)

@@ -1,0 +1,102 @@
+"""What an image folder says about itself: its files with their labels (class subfolders) or captions
+(``metadata.jsonl``), and whether its images are grayscale or colour. ``data.num_classes``, ``data.channels`` and
+``data.class_names`` left at ``auto`` / null are read from it, as torchvision's ImageFolder users expect."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+NO_LABEL = -1
+AUTO = "auto"
+# PIL modes with one value per pixel; "P" (palette) images are grey when every palette entry is
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The images of ``root``: (path, label or NO_LABEL, class name or caption) for each, and the class names
+    (empty for a captioned folder)."""
+
+    root: Path
+    items: list[tuple[Path, int, str]]
+    class_names: list[str]
+
+    @classmethod
+    def read(cls, root: str | Path, class_names: Sequence[str] | None = None) -> FolderLayout:
+        """Class subfolders (sorted by name, or in the order of ``class_names``), or a ``metadata.jsonl`` of
+        {"file_name", "text"} records (the Hugging Face imagefolder convention)."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root} (set data.root=DIR)")
+        metadata = root / "metadata.jsonl"
+        if metadata.exists():
+            items = []
+            for n, line in enumerate(metadata.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                        items.append((root / record["file_name"], NO_LABEL, str(record.get("text", ""))))
+                    except (json.JSONDecodeError, KeyError) as err:
+                        raise ValueError(f"{metadata}:{n}: expected {{'file_name': ..., 'text': ...}}: {err}") from err
+            names: list[str] = []
+        else:
+            found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            names = list(class_names) if class_names else found
+            missing = [name for name in names if not (root / name).is_dir()]
+            if missing:
+                raise ValueError(f"class folder(s) {missing} not in {root} (its class folders: {', '.join(found)})")
+            items = [(path, label, name) for label, name in enumerate(names)
+                     for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+        if not items:
+            raise ValueError(f"no images found in {root}: expected class subfolders or a metadata.jsonl")
+        return cls(root, items, names)
+
+    def channels(self) -> int:
+        """1 if every image is grayscale, 3 if every one is colour (read from the files' headers); a folder that
+        mixes them is refused, naming an example of each."""
+        gray, colour = [], []
+        for path, _, _ in self.items:
+            (gray if is_grayscale_file(path) else colour).append(path)
+        if gray and colour:
+            raise ValueError(f"{self.root} mixes grayscale ({len(gray)}, e.g. {gray[0]}) and colour ({len(colour)}, "
+                             f"e.g. {colour[0]}) images: set data.channels=1 or data.channels=3 to convert them all")
+        return 1 if gray else 3
+
+
+def is_grayscale_file(path: Path) -> bool:
+    """Whether an image file holds one value per pixel (its mode, or a palette of greys). Only the header is read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("P", "PA"):
+                palette = image.getpalette() or []
+                return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+            return image.mode in GRAY_MODES
+    except (OSError, UnidentifiedImageError) as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def resolve_folder_config(data) -> None:
+    """Fill an image-folder data config in place: ``channels: auto`` from the images, ``num_classes: auto`` from the
+    class subfolders (null for a captioned folder), ``class_names: null`` with their names. Explicit values win;
+    configs without a ``root`` (the embedded datasets, shards) are left as they are."""
+    if "root" not in data:
+        return
+    if AUTO not in (data.get("channels"), data.get("num_classes")) and data.get("class_names", ()) is not None:
+        return
+    layout = FolderLayout.read(data.root, data.get("class_names"))
+    names = layout.class_names
+    if data.get("channels") == AUTO:
+        data.channels = layout.channels()
+    if data.get("num_classes") == AUTO:
+        data.num_classes = len(names) or None
+    elif data.get("num_classes") is not None and names and data.num_classes < len(names):
+        raise ValueError(f"data.num_classes={data.num_classes} but {layout.root} has {len(names)} class folders "
+                         f"({', '.join(names)}): drop data.num_classes (auto) or raise it")
+    if "class_names" in data and data.class_names is None and names:
+        data.class_names = names
