@@ -71,17 +71,26 @@ class FeatureStatistics:
 
 def _sqrt_psd(matrix: Tensor) -> Tensor:
     values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.mT
+
+
+def _symmetric(matrix: Tensor) -> Tensor:
+    return (matrix + matrix.mT) / 2
+
+
+def frechet_distances(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """Squared Fréchet distances, batched over leading dimensions (means (..., D), covariances (..., D, D)), in
+    float64."""
+    mu1, sigma1, mu2, sigma2 = (t.to(torch.float64) for t in (mu1, sigma1, mu2, sigma2))
+    root1 = _sqrt_psd(_symmetric(sigma1))
+    trace_sqrt = torch.linalg.eigvalsh(_symmetric(root1 @ sigma2 @ root1)).clamp_min(0).sqrt().sum(-1)
+    trace = torch.diagonal(sigma1, dim1=-2, dim2=-1).sum(-1) + torch.diagonal(sigma2, dim1=-2, dim2=-1).sum(-1)
+    return ((mu1 - mu2).square().sum(-1) + trace - 2 * trace_sqrt).clamp_min(0)
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64."""
-    mu1, sigma1, mu2, sigma2 = (t.to(torch.float64) for t in (mu1, sigma1, mu2, sigma2))
-    root1 = _sqrt_psd((sigma1 + sigma1.T) / 2)
-    middle = root1 @ sigma2 @ root1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    value = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt
-    return float(value.clamp_min(0))
+    return float(frechet_distances(mu1, sigma1, mu2, sigma2))
 
 
 def frechet_distance_of(a: FeatureStatistics, b: FeatureStatistics) -> float:
