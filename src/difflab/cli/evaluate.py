@@ -1,8 +1,12 @@
-"""``python evaluate.py ckpt=PATH n=1000 [sampler=ddim steps=25 guidance_scale=3]`` or ``samples=DIR``: FID, KID,
-precision/recall and the Inception Score of generated images against the training images on a feature extractor
-(``extractor=digit``, the shipped classifier's features, or ``extractor=inception``), FID and KID always next to
-their real-vs-real floor at the same n; for class-conditional checkpoints also the share of samples the classifier
-sees as the class asked for. Prints a table, writes JSON."""
+"""``python evaluate.py ckpt=PATH [n=1000] [sampler=ddim steps=25 guidance_scale=3]`` or ``samples=DIR``: FID, KID,
+precision/recall and the Inception Score of generated images against the training images, on the features that
+fit the data (``extractor=auto``: the digit classifier's for digits, Inception's otherwise), FID and KID next to
+their real-vs-real floor at the same n, each figure with a bootstrap confidence interval; class accuracy when a
+classifier for the data is at hand (MNIST's own, or ``classifier=PATH``).
+
+``compare=[CKPT_A,CKPT_B]`` (or, with ``ckpt=``, two settings such as ``compare='[{steps:50},{sampler:dpmpp_2m,
+steps:20}]'``) generates both with the same seeds and conditions and reports B - A with its interval, "within noise"
+when the interval covers 0. Prints a table, writes JSON."""
 
 from __future__ import annotations
 
@@ -10,126 +14,164 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 from difflab.cli import CONFIG_PACKAGE
 from difflab.cli.sample import checkpoint_sampler
-from difflab.conditioning.base import ClassConditioner, example_indices
+from difflab.data.images import image_files, load_images
+from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
 from difflab.loading import load_module, resolve_device
-from difflab.metrics.classifier import load_digit_classifier, predict
-from difflab.metrics.features import extract
-from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
-from difflab.metrics.scores import inception_score, kernel_inception_distance, precision_recall
 
-METRICS = ("fid", "kid", "prc", "isc")
+DEFAULT_N = 1000  # generated images when n is not given (a checkpoint)
+SETTING_KEYS = ("ckpt", "sampler", "steps", "guidance_scale")
 
 
-def load_images(folder: str | Path, n: int) -> torch.Tensor:
-    """Up to n PNG / JPEG images of a folder (sorted by name, grid.png skipped) as (N, C, H, W) in [-1, 1]."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"samples folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.stem != "grid")
-    if not files:
-        raise ValueError(f"no .png / .jpg images in {folder}")
-    images = []
-    for path in files[:n]:
-        try:
-            with Image.open(path) as image:
-                images.append(pil_to_tensor(image.convert("L")).float() / 127.5 - 1)
-        except OSError as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
-    return torch.stack(images)
-
-
-def scores(cfg: DictConfig, extractor, real: torch.Tensor, fake: torch.Tensor, other: torch.Tensor | None) -> dict:
-    """The asked metrics of ``fake`` against ``real`` on the extractor's features; FID and KID also for ``other``
-    (real images not in ``real``): the real-vs-real floor at the same n."""
-    unknown = set(cfg.metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; valid: {', '.join(METRICS)}")
-    f_real, f_fake = extract(extractor, real, cfg.batch_size), extract(extractor, fake, cfg.batch_size)
-    real_stats = FeatureStatistics.of(f_real)
-    out = {"fid": frechet_distance_of(real_stats, FeatureStatistics.of(f_fake))}
-    f_other = extract(extractor, other, cfg.batch_size) if other is not None else None
-    if f_other is not None:
-        out["fid_real_vs_real"] = frechet_distance_of(real_stats, FeatureStatistics.of(f_other))
-        out["fid_real_vs_real_n"] = len(other)
-    if "kid" in cfg.metrics:
-        out["kid"], out["kid_std"] = kernel_inception_distance(f_real, f_fake, cfg.kid_subsets, cfg.kid_subset_size)
-        if f_other is not None:
-            out["kid_real_vs_real"], _ = kernel_inception_distance(f_real, f_other, cfg.kid_subsets,
-                                                                    cfg.kid_subset_size)
-    if "prc" in cfg.metrics:
-        out["precision"], out["recall"] = precision_recall(f_real, f_fake)
-    if "isc" in cfg.metrics and getattr(extractor, "has_logits", False):
-        out["inception_score"], out["inception_score_std"] = inception_score(
-            extract(extractor, fake, cfg.batch_size, logits=True))
-    return out
-
-
-def clip_score(cfg: DictConfig, example_prompts: list[str], fake: torch.Tensor) -> float:
-    """Mean CLIPScore of samples against the prompts they were generated from (the conditioner's examples, in
-    the order ``examples(n)`` gives them)."""
-    from difflab.metrics.clip_score import CLIPScore
-
-    scorer = CLIPScore.from_pretrained(cfg.clip_model, local_files_only=bool(cfg.get("clip_local_files_only")))
-    prompts = [example_prompts[i % len(example_prompts)] for i in example_indices(len(fake), len(example_prompts))]
-    scores = [scorer(fake[start:start + cfg.batch_size], prompts[start:start + cfg.batch_size])
-              for start in range(0, len(fake), cfg.batch_size)]
-    return torch.cat(scores).mean().item()
+def scorer(cfg: DictConfig, real: RealImages) -> Scorer:
+    return Scorer(instantiate(cfg.extractor), real, tuple(cfg.metrics), cfg.batch_size, cfg.kid_subsets,
+                  cfg.kid_subset_size, cfg.bootstrap, cfg.confidence, cfg.seed, cfg.progress)
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    if cfg.get("compare"):
+        return compare(cfg)
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise ValueError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
     device = resolve_device(cfg.device)
-    extractor = instantiate(cfg.extractor).to(device)
     module = load_module(cfg.ckpt, device) if cfg.ckpt else None
-    data_cfg = OmegaConf.create(module.run_config["data"]) if module is not None else cfg.data
-    train_set = instantiate(data_cfg).train_set
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train_set), generator=generator)
-    n = cfg.n
-    real = torch.stack([train_set[int(i)]["image"] for i in order[:n]])
-    floor_n = min(n, len(train_set) - n)
-    other = torch.stack([train_set[int(i)]["image"] for i in order[n:n + floor_n]]) if floor_n >= 2 else None
-    result = {"n": n, "extractor": extractor.name, "seed": cfg.seed}
+    if module is not None:
+        n = cfg.n or DEFAULT_N
+        real = RealImages.of(OmegaConf.create(module.run_config["data"]), n, cfg.seed)
+    else:
+        n = cfg.n or len(image_files(cfg.samples))
+        real = RealImages.of(cfg.data, n, cfg.seed)
+    result = {"n": n, "n_real": len(real.images), "seed": cfg.seed, "notes": []}
+    if len(real.images) < n:
+        result["notes"].append(f"the data has {len(real.images)} training images: {n} samples are scored against "
+                               f"{len(real.images)} real ones, and there is no real-vs-real floor")
     labels = None
     if module is not None:
         sampler, sampler_cfg = checkpoint_sampler(cfg, module)
-        conditions = module.conditioner.examples(n, device)  # balanced: every class (prompt) equally often
-        labels = conditions.get("class_labels") if isinstance(module.conditioner, ClassConditioner) else None
-        fake = module.pipeline()(condition=conditions or None, n=None if conditions else n, sampler=sampler,
-                                 seed=cfg.seed + 1, guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size,
-                                 progress=cfg.progress).float().cpu() * 2 - 1
+        generated = generate(module, n, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=cfg.seed + 1,
+                             batch_size=cfg.batch_size, progress=cfg.progress)
+        fake, labels = generated.images, generated.labels
         result.update(ckpt=str(cfg.ckpt), sampler=OmegaConf.to_container(sampler_cfg),
-                      guidance_scale=module.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale)
+                      guidance_scale=generated.settings["guidance_scale"])
     else:
-        fake = load_images(cfg.samples, n)
+        folder = load_images(cfg.samples, real.images.shape[1], real.images.shape[-1], n)
+        if len(folder.images) < n:
+            raise ValueError(f"{cfg.samples} has {len(folder.images)} images, fewer than n={n}: lower n (FIDs are "
+                             "only comparable at equal n)")
+        fake = folder.images
         result.update(samples=str(cfg.samples))
-        if len(fake) < n:
-            raise ValueError(f"{cfg.samples} has {len(fake)} images, fewer than n={n}: lower n (FIDs are only "
-                             "comparable at equal n)")
-    result.update(scores(cfg, extractor, real, fake, other))
-    if cfg.get("clip_model") and module is not None and hasattr(module.conditioner, "example_prompts"):
-        result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, fake)
+        result["notes"] += folder.notes(real.images.shape[-1])
+    scoring = scorer(cfg, real)
+    correct = None
     if labels is not None:
-        predicted = predict(load_digit_classifier(), fake).argmax(-1)
-        result["class_accuracy"] = (predicted == labels.cpu()).float().mean().item()
+        judge, about = class_judge(cfg.classifier, real.dataset, module.pipeline().class_names)
+        if judge is None:
+            result["notes"].append(about)
+        else:
+            correct = [judge_correct(judge, fake, labels)]
+            result["classifier"] = about
+            if real.other is not None:
+                result["class_accuracy_real"] = judge_correct(judge, real.other, real.other_labels).mean().item()
+    result.update(extractor=scoring.extractor.name, **scoring.score([fake], correct).sets[0], **scoring.floor())
+    if cfg.get("clip_model") and module is not None and hasattr(module.conditioner, "example_prompts"):
+        result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, (fake + 1) / 2)
+    result.update(confidence=cfg.confidence, bootstrap=cfg.bootstrap, warnings=scoring.warnings)
     return result
 
 
+def clip_score(cfg: DictConfig, example_prompts: list[str], images) -> float:
+    """Mean CLIPScore of samples (in [0, 1]) against the prompts they were generated from (the conditioner's
+    examples, in the order ``examples(n)`` gives them)."""
+    import torch
+
+    from difflab.conditioning.base import example_indices
+    from difflab.metrics.clip_score import CLIPScore
+
+    scorer_ = CLIPScore.from_pretrained(cfg.clip_model, local_files_only=bool(cfg.get("clip_local_files_only")))
+    prompts = [example_prompts[i % len(example_prompts)] for i in example_indices(len(images), len(example_prompts))]
+    scores = [scorer_(images[start:start + cfg.batch_size], prompts[start:start + cfg.batch_size])
+              for start in range(0, len(images), cfg.batch_size)]
+    return torch.cat(scores).mean().item()
+
+
+def settings(cfg: DictConfig) -> list[dict]:
+    """The two settings of ``compare``: each a checkpoint path or a dict of ckpt / sampler / steps / guidance_scale
+    over the command line's."""
+    entries = list(cfg.compare)
+    if len(entries) != 2:
+        raise ValueError(f"compare takes two settings (A and B), got {len(entries)}")
+    out = []
+    for entry in entries:
+        entry = {"ckpt": entry} if isinstance(entry, str) else OmegaConf.to_container(entry)
+        unknown = set(entry) - set(SETTING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown compare keys {sorted(unknown)}; valid: {', '.join(SETTING_KEYS)}")
+        setting = {"ckpt": cfg.ckpt, "sampler": None, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                   **entry}
+        if setting["ckpt"] is None:
+            raise ValueError("compare needs a checkpoint for each setting: compare=[CKPT_A,CKPT_B], or ckpt=PATH")
+        out.append(setting)
+    return out
+
+
+def compare(cfg: DictConfig) -> dict:
+    """A and B generated with the same seeds and conditions, scored against the same real images: each figure,
+    and B - A with its paired-bootstrap interval."""
+    device = resolve_device(cfg.device)
+    chosen = settings(cfg)
+    modules = {path: load_module(path, device) for path in dict.fromkeys(s["ckpt"] for s in chosen)}
+    data = [modules[s["ckpt"]].run_config["data"] for s in chosen]
+    if data[0] != data[1]:
+        raise ValueError("compare needs two models of the same data: their data configs differ")
+    n = cfg.n or DEFAULT_N
+    real = RealImages.of(OmegaConf.create(data[0]), n, cfg.seed)
+    default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
+    generated = [generate(modules[s["ckpt"]], n, sampler=s["sampler"] or default_sampler, steps=s["steps"],
+                          guidance_scale=s["guidance_scale"], seed=cfg.seed + 1, batch_size=cfg.batch_size,
+                          progress=cfg.progress) for s in chosen]
+    labels = [g.labels for g in generated]
+    if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
+        raise ValueError("compare needs the same conditions for A and B (models with the same classes)")
+    scoring = scorer(cfg, real)
+    correct, notes = None, []
+    if labels[0] is not None:
+        judge, note = class_judge(cfg.classifier, real.dataset, modules[chosen[0]["ckpt"]].pipeline().class_names)
+        if judge is not None:
+            correct = [judge_correct(judge, g.images, g.labels) for g in generated]
+        else:
+            notes.append(note)
+    scores = scoring.score([g.images for g in generated], correct)
+    for s, g, figures in zip(chosen, generated, scores.sets, strict=True):
+        figures.update(ckpt=str(s["ckpt"]), **g.settings)
+    differences = {name: scores.difference(name, 0, 1).as_dict() for name in scores.replicates}
+    return {"n": n, "n_real": len(real.images), "seed": cfg.seed, "extractor": scoring.extractor.name,
+            "a": scores.sets[0], "b": scores.sets[1], "difference": differences, **scoring.floor(),
+            "confidence": cfg.confidence,
+            "bootstrap": cfg.bootstrap, "warnings": scoring.warnings, "notes": notes}
+
+
+def _with_interval(result: dict, key: str, digits: int) -> str:
+    value = f"{result[key]:.{digits}f}"
+    if f"{key}_interval" in result:
+        low, high = result[f"{key}_interval"]
+        value += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    return value
+
+
 def report(result: dict) -> str:
-    rows = [("FID (" + result["extractor"] + f", n={result['n']})", f"{result['fid']:.4f}")]
+    """The table evaluate.py prints."""
+    if "difference" in result:
+        return report_comparison(result)
+    level = f"{result['confidence']:.0%} intervals" if result.get("bootstrap") else "no intervals"
+    rows = [(f"FID ({result['extractor']}, n={result['n']}; {level})", _with_interval(result, "fid", 4))]
     if "fid_real_vs_real" in result:
         rows.append((f"  real vs real floor (n={result['fid_real_vs_real_n']})", f"{result['fid_real_vs_real']:.4f}"))
     if "kid" in result:
-        rows.append(("KID", f"{result['kid']:.5f} +- {result['kid_std']:.5f}"))
+        rows.append(("KID", _with_interval(result, "kid", 5)))
     if "kid_real_vs_real" in result:
         rows.append(("  real vs real floor", f"{result['kid_real_vs_real']:.5f}"))
     if "precision" in result:
@@ -140,17 +182,56 @@ def report(result: dict) -> str:
     if "clip_score" in result:
         rows.append(("CLIPScore (samples vs their prompts)", f"{result['clip_score']:.2f}"))
     if "class_accuracy" in result:
-        rows.append(("class accuracy (asked digit)", f"{result['class_accuracy']:.3f}"))
+        rows.append(("class accuracy (asked class)", _with_interval(result, "class_accuracy", 3)))
+    if "class_accuracy_real" in result:
+        rows.append(("  the classifier on real images", f"{result['class_accuracy_real']:.3f}"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines + [f"note: {n}" for n in result.get("notes", [])] +
+                     [f"warning: {w}" for w in result.get("warnings", [])])
+
+
+def report_comparison(result: dict) -> str:
+    """A and B side by side with B - A, its interval and whether it is within noise."""
+    a, b = result["a"], result["b"]
+    describe = (lambda s: f"{run_name(s['ckpt'])}, {s['sampler']} {s['steps']} steps, w={s['guidance_scale']:g}")
+    lines = [f"A: {describe(a)}", f"B: {describe(b)}",
+             f"{result['extractor']} features, n={result['n']}, paired seeds; "
+             f"{result['confidence']:.0%} bootstrap intervals ({result['bootstrap']} resamples)"]
+    rows = [("", "A", "B", "B - A", "")]
+    for key, digits in (("fid", 4), ("kid", 5), ("class_accuracy", 3)):
+        if key not in a:
+            continue
+        diff = result["difference"].get(key)
+        if diff is None:
+            change, verdict = f"{b[key] - a[key]:+.{digits}f}", ""
+        else:
+            change = f"{diff['estimate']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+            verdict = "within noise" if diff["low"] <= 0 <= diff["high"] else ("B higher" if diff["low"] > 0
+                                                                                else "B lower")
+        rows.append((key, _with_interval(a, key, digits), _with_interval(b, key, digits), change, verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines + [f"note: {n}" for n in result.get("notes", [])] +
+                     [f"warning: {w}" for w in result.get("warnings", [])])
+
+
+def default_out(cfg: DictConfig, result: dict) -> Path:
+    """``out`` or, beside the run: <run dir>/eval/fid_n<n>.json (compare_n<n>.json); <samples>/fid_n<n>.json."""
+    if cfg.out:
+        return Path(cfg.out)
+    if "difference" in result:
+        return Path(result["a"]["ckpt"]).resolve().parent.parent / "eval" / f"compare_n{result['n']}.json"
+    if cfg.ckpt:
+        return Path(cfg.ckpt).resolve().parent.parent / "eval" / f"fid_n{result['n']}.json"
+    return Path(cfg.samples) / f"fid_n{result['n']}.json"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     result = evaluate(cfg)
     print(report(result))
-    out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parent.parent / "eval" / f"fid_n{cfg.n}.json"
-                                         if cfg.ckpt else Path(cfg.samples) / f"fid_n{cfg.n}.json")
+    out = default_out(cfg, result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

