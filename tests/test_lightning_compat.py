@@ -68,3 +68,17 @@ def test_wandb_run_started_reads_the_logger_it_is_given():
 
     logger = WandbLogger(offline=True, save_dir="/tmp/unused")
     assert not compat.wandb_run_started(logger)  # no run until .experiment is touched
+
+
+def test_checkpoint_interval_and_recorded_metrics_reach_what_callbacks_read(tmp_path):
+    assert compat.checkpoint_every_n_steps(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=7)) == 7
+
+    class Recorder(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            compat.record_metric(trainer, "val/late", 1.5)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[Recorder()], default_root_dir=tmp_path)
+    trainer.fit(Probe(), data)
+    assert float(trainer.callback_metrics["val/late"]) == 1.5

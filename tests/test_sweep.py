@@ -79,6 +79,21 @@ def test_summary_columns_are_the_swept_keys_and_unfinished_runs_are_listed(tmp_p
         summary_main([str(tmp_path / "nowhere")])
 
 
+def test_summary_md_shows_figures_with_their_intervals(tmp_path):
+    """A FID logged with its bounds (val/fid_500, _low, _high) reads "figure [low, high]" in summary.md; summary.csv
+    keeps the three columns."""
+    for num, (schedule, fid) in enumerate([("linear", 2.0), ("cosine", 1.5)]):
+        (tmp_path / str(num)).mkdir()
+        write_final_metrics(tmp_path / str(num), {"val/fid_500": fid, "val/fid_500_low": fid - 0.25,
+                                                  "val/fid_500_high": fid + 0.5, "val/loss": 0.1}, 10,
+                            [f"schedule={schedule}"])
+    columns, _ = summarize(tmp_path)
+    assert {"val/fid_500", "val/fid_500_low", "val/fid_500_high"} <= set(columns)
+    table = (tmp_path / "summary.md").read_text()
+    assert table.splitlines()[0] == "| run | schedule | step | val/fid_500 | val/loss | status |"
+    assert "| 1 | cosine | 10 | 1.5 [1.25, 2] | 0.1 | done |" in table
+
+
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
 def test_launcher_configs_compose_and_instantiate_sized_from_the_trainer(launcher):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -86,18 +86,24 @@ def summarize(sweep_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
 
 
 def headline(columns: list[str]) -> list[str]:
-    """The columns a reader compares first: all but the per-bucket losses, learning rates and gradient norm
-    (those stay in summary.csv)."""
-    return [c for c in columns if not (c.startswith(("train/loss_t", "lr-")) or c == "train/grad_norm")]
+    """The columns a reader compares first: all but the per-bucket losses, learning rates and gradient norm, and the
+    bounds of intervals, which are shown in their figure's cell (all stay in summary.csv)."""
+    return [c for c in columns if not (c.startswith(("train/loss_t", "lr-")) or c == "train/grad_norm"
+                                       or c.endswith(("_low", "_high")) and c.rpartition("_")[0] in columns)]
 
 
-def _cell(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _cell(row: dict, column: str) -> str:
+    value = row[column]
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
+    if isinstance(low, float) and isinstance(high, float):  # a figure with its interval (e.g. val/fid_1k)
+        text += f" [{low:.4g}, {high:.4g}]"
+    return text
 
 
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

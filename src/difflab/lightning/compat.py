@@ -32,3 +32,16 @@ def last_saved_step(checkpoint_callback) -> int:
 def wandb_run_started(logger) -> bool:
     """Whether a WandbLogger has created its run (``logger.experiment`` would start one)."""
     return getattr(logger, "_experiment", None) is not None
+
+
+def checkpoint_every_n_steps(checkpoint_callback) -> int | None:
+    """ModelCheckpoint's ``every_n_train_steps`` (it keeps the argument under a private name only)."""
+    return getattr(checkpoint_callback, "_every_n_train_steps", None)
+
+
+def record_metric(trainer: L.Trainer, name: str, value: float) -> None:
+    """Put a value among ``trainer.callback_metrics`` where ``self.log`` is not allowed (``on_train_end``): that
+    dict is the one Lightning keeps and hands out, and what difflab's metrics.json is written from."""
+    import torch
+
+    trainer.callback_metrics[name] = torch.tensor(value)

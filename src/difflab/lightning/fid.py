@@ -1,4 +1,4 @@
-"""In-training FID on the EMA weights (a ``callbacks`` option)."""
+"""In-training FID on the EMA weights (a ``callbacks`` option), logged as a metric the trainer can monitor."""
 
 from __future__ import annotations
 
@@ -7,78 +7,122 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from difflab.diffusion.samplers import Sampler
 from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
-from difflab.metrics.features import feature_statistics
+from difflab.lightning.compat import checkpoint_every_n_steps, record_metric
+from difflab.metrics.bootstrap import basic_interval, bootstrap, fid_statistic
+from difflab.metrics.features import AutoFeatures, choose_extractor, dataset_name, extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 
 
 class FIDCallback(Periodic):
     """Every ``every_n_steps`` optimizer steps (and at the end of training): the Fréchet distance between
-    ``num_samples`` EMA samples and ``num_samples`` training images, on ``extractor``'s features, logged as
-    ``val/fid_<n>`` (the count is in the name: FIDs at different n are not comparable).
+    ``num_samples`` EMA samples and ``num_samples`` training images on ``extractor``'s features (``auto``: the
+    digit classifier's for the digit data, Inception's otherwise), with its bootstrap interval.
 
-    Samples use ``sampler`` (default: the module's) through the module's ``pipeline()``
-    and, for conditional models, the conditioner's
-    balanced ``examples`` with the module's guidance scale. The real statistics are computed once and cached
-    in ``cache_dir`` under a key of dataset, split, resolution, extractor and n. Under DDP every rank samples
-    its share with its own seed and the features are gathered on all ranks: no collective runs on one rank alone.
+    ``val/fid_<n>`` (the count is in the name: FIDs at different n are not comparable) is logged with
+    ``self.log``, so ``callbacks.checkpoint.monitor=val/fid_<n>`` keeps the best checkpoints and EarlyStopping can
+    watch it, and it ends up in metrics.json; ``val/fid_<n>_low`` / ``_high`` bound it. Samples use ``sampler``
+    (default: the module's) through the module's ``pipeline()`` and, for conditional models, the conditioner's
+    balanced ``examples`` with the module's guidance scale. The real features are computed once and cached in
+    ``cache_dir`` under a key of dataset, split, resolution, extractor and n. Under DDP every rank samples its share
+    with its own seed and the features are gathered on all ranks, which then log the same value.
     """
 
-    def __init__(self, extractor: torch.nn.Module, every_n_steps: int = 1000, num_samples: int = 1000,
-                 sampler: Sampler | None = None, batch_size: int = 250, seed: int = 0, cache_dir: str | None = None):
+    def __init__(self, extractor: torch.nn.Module | AutoFeatures, every_n_steps: int = 1000, num_samples: int = 1000,
+                 sampler: Sampler | None = None, batch_size: int = 250, seed: int = 0, cache_dir: str | None = None,
+                 bootstrap: int = 200,  # resamples for the interval (0: none)
+                 confidence: float = 0.95):
         super().__init__(every_n_steps)
         self.extractor, self.num_samples = extractor, num_samples
         self.sampler, self.batch_size, self.seed, self.cache_dir = sampler, batch_size, seed, cache_dir
+        self.bootstrap, self.confidence = bootstrap, confidence
+        self._at_end = False
 
     @property
     def metric_name(self) -> str:
         n = self.num_samples
         return f"val/fid_{n // 1000}k" if n % 1000 == 0 else f"val/fid_{n}"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.extractor, warning = choose_extractor(self.extractor, trainer.datamodule.train_set)
+        if warning:
+            rank_zero_warn(warning)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor == self.metric_name:
+                self._check_monitor(callback)
+
+    def _check_monitor(self, checkpoint: ModelCheckpoint) -> None:
+        """A checkpoint kept by FID needs a FID of its own step: one computed earlier would be credited to it."""
+        every = checkpoint_every_n_steps(checkpoint)
+        if self.every_n_steps <= 0 or not every or every % self.every_n_steps:
+            raise ValueError(f"callbacks.checkpoint.monitor={self.metric_name} needs a FID at every checkpoint step: "
+                             f"set callbacks.fid.every_n_steps to a divisor of callbacks.checkpoint."
+                             f"every_n_train_steps ({every}), now {self.every_n_steps}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._at_end = True  # Lightning allows no self.log here: the value is recorded directly
+        try:
+            super().on_train_end(trainer, pl_module)
+        finally:
+            self._at_end = False
+
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         start = time.perf_counter()
-        real = self.real_statistics(trainer)
-        fake, preview = self.sample_statistics(trainer, pl_module)
-        value = frechet_distance_of(real, fake)
+        real = self.real_features(trainer)
+        fake, preview = self.sample_features(trainer, pl_module)
+        name = self.metric_name
+        values = {name: frechet_distance_of(FeatureStatistics.of(real), FeatureStatistics.of(fake))}
+        if self.bootstrap:
+            replicates = bootstrap({"fid": fid_statistic(real, [fake])}, len(real), len(fake), self.bootstrap,
+                                   self.seed)["fid"][:, 0]
+            interval = basic_interval(values[name], replicates, self.confidence, minimum=0.0)
+            values.update({f"{name}_low": interval.low, f"{name}_high": interval.high})
+        for key, value in values.items():  # for the trainer: checkpoint monitor, early stopping, metrics.json
+            if self._at_end:
+                record_metric(trainer, key, value)
+            else:
+                pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
         seconds = time.perf_counter() - start
-        for logger in trainer.loggers:
-            logger.log_metrics({self.metric_name: value, f"{self.metric_name}_seconds": seconds},
-                               step=trainer.global_step)
-        rank_zero_info(f"{self.metric_name} = {value:.4f} at step {trainer.global_step} ({seconds:.1f} s)")
+        for logger in trainer.loggers:  # at this step exactly, whatever log_every_n_steps says
+            logger.log_metrics({**values, f"{name}_seconds": seconds}, step=trainer.global_step)
+        shown = f" [{values[name + '_low']:.4f}, {values[name + '_high']:.4f}]" if self.bootstrap else ""
+        rank_zero_info(f"{name} = {values[name]:.4f}{shown} at step {trainer.global_step} ({seconds:.1f} s)")
         save_and_log_grid(trainer, preview, "fid_samples", "fid_samples")  # the samples behind the figure
-        return value
+        return values[name]
 
     def _cache_path(self, trainer: L.Trainer) -> Path:
         datamodule = trainer.datamodule
-        dataset = getattr(datamodule.train_set, "dataset", datamodule.train_set)
-        name = getattr(dataset, "name", type(dataset).__name__)
         size = datamodule.image_size
-        key = f"{name}_train{len(datamodule.train_set)}_seed{datamodule.split_seed}_{size}px_{self.extractor.name}_" \
-              f"n{self.num_samples}.pt"
+        key = f"{dataset_name(datamodule.train_set)}_train{len(datamodule.train_set)}_seed{datamodule.split_seed}_" \
+              f"{size}px_{self.extractor.name}_n{self.num_samples}.pt"
         root = Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "fid_stats"
         return root / key
 
-    def real_statistics(self, trainer: L.Trainer) -> FeatureStatistics:
+    def real_features(self, trainer: L.Trainer) -> Tensor:
+        """The features (n, D) of n training images (the same n on every rank), cached on disk."""
         path = self._cache_path(trainer)
         if path.is_file():
-            return FeatureStatistics.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if "features" in cached:  # caches of older versions hold statistics only: recomputed
+                return cached["features"]
         train_set = trainer.datamodule.train_set
         n = min(self.num_samples, len(train_set))
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.seed))[:n]
         images = torch.stack([train_set[int(i)]["image"] for i in order])
-        stats = feature_statistics(self.extractor, images, self.batch_size)
-        if trainer.is_global_zero:  # every rank computed the same statistics; one writes them, atomically
+        features = extract(self.extractor, images, self.batch_size)
+        if trainer.is_global_zero:  # every rank computed the same features; one writes them, atomically
             with atomic_write(path) as tmp:
-                torch.save(stats.state_dict(), tmp)
-        return stats
+                torch.save({"features": features}, tmp)
+        return features
 
-    def sample_statistics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[FeatureStatistics, Tensor]:
-        """The samples' statistics (all ranks' samples) and this rank's first 64 samples (in [0, 1])."""
+    def sample_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
+        """The samples' features (n, D) (all ranks' samples) and this rank's first 64 samples (in [0, 1])."""
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-self.num_samples // world)  # every rank the same count: all_gather needs equal shapes
         pipe = pl_module.pipeline()
@@ -96,6 +140,4 @@ class FIDCallback(Periodic):
             preview = images[:64] if preview is None else preview
         local = torch.cat(features)
         gathered = pl_module.all_gather(local)  # (world, share, D) under DDP, (share, D) alone
-        gathered = gathered.reshape(-1, local.shape[-1])[: self.num_samples]
-        return FeatureStatistics.of(gathered), preview
-
+        return gathered.reshape(-1, local.shape[-1])[: self.num_samples].float().cpu(), preview
