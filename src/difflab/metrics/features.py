@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from difflab.metrics.classifier import load_digit_classifier
-from difflab.metrics.frechet import FeatureStatistics
 
 
 class DigitFeatures(nn.Module):
@@ -95,11 +94,3 @@ def extract(extractor: nn.Module, images: Tensor, batch_size: int = 250, logits:
     device = next(extractor.parameters()).device
     return torch.cat([fn(images[start:start + batch_size].to(device)).float().cpu()
                       for start in range(0, len(images), batch_size)])
-
-
-def feature_statistics(extractor: nn.Module, images: Tensor, batch_size: int = 250) -> FeatureStatistics:
-    """Statistics of ``extractor``'s features over images (N, C, H, W), in batches."""
-    stats = FeatureStatistics.empty(extractor.dim)
-    for start in range(0, len(images), batch_size):
-        stats.update(extractor(images[start:start + batch_size]))
-    return stats
