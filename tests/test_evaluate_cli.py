@@ -57,7 +57,7 @@ def test_class_accuracy_by_a_classifier_trained_on_the_run_data(class_checkpoint
     low, high = result["class_accuracy_interval"]
     assert 0 <= low <= result["class_accuracy"] <= high <= 1
     assert result["class_accuracy_real"] > 0.5  # 60 steps on clean digits: far above chance (0.1)
-    assert "the classifier on real images" in report(result)
+    assert "the classifier on held-out real images" in report(result)
     with pytest.raises(ValueError, match="not a classifier"):
         evaluate(eval_cfg(f"ckpt={class_checkpoint}", "n=10", "steps=2", f"classifier={class_checkpoint}"))
 

@@ -36,13 +36,14 @@ METRICS = ("fid", "kid", "prc", "isc")
 
 @dataclass
 class RealImages:
-    """n images of the run's training split in [-1, 1] with their labels, and up to n others for the floor."""
+    """n images of the run's training split in [-1, 1], up to n others of it for the floor, and the validation
+    split's images with their labels (held out from training: what a classifier of the data is checked on)."""
 
     dataset: object  # the training split: its name picks the extractor and the class-accuracy judge
     images: Tensor
-    labels: Tensor
     other: Tensor | None
-    other_labels: Tensor | None
+    validation: Tensor
+    validation_labels: Tensor
 
     @classmethod
     def of(cls, data_cfg: DictConfig, n: int, seed: int = 0) -> RealImages:
@@ -51,15 +52,19 @@ class RealImages:
         resolve_folder_config(data_cfg)
         if "random_flip" in data_cfg.get("dataset", {}):
             data_cfg.dataset.random_flip = False  # the real images as stored
-        train_set = instantiate(data_cfg).train_set
+        datamodule = instantiate(data_cfg)
+        train_set = datamodule.train_set
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
         n = min(n, len(train_set))
-        first = [train_set[i] for i in order[:n]]
-        rest = [train_set[i] for i in order[n:2 * n]]
-        stack = (lambda items, key: torch.stack([torch.as_tensor(item[key]) for item in items]))
-        has_other = len(rest) >= 2
-        return cls(train_set, stack(first, "image"), stack(first, "label"),
-                   stack(rest, "image") if has_other else None, stack(rest, "label") if has_other else None)
+        rest = order[n:2 * n]
+        validation = [datamodule.val_set[i] for i in range(min(n, len(datamodule.val_set)))]
+
+        def images(dataset, indices):
+            return torch.stack([dataset[i]["image"] for i in indices])
+
+        return cls(train_set, images(train_set, order[:n]), images(train_set, rest) if len(rest) >= 2 else None,
+                   torch.stack([item["image"] for item in validation]),
+                   torch.tensor([int(item["label"]) for item in validation]))
 
 
 @dataclass

@@ -74,8 +74,7 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             correct = [judge_correct(judge, fake, labels)]
             result["classifier"] = about
-            if real.other is not None:
-                result["class_accuracy_real"] = judge_correct(judge, real.other, real.other_labels).mean().item()
+            result["class_accuracy_real"] = judge_correct(judge, real.validation, real.validation_labels).mean().item()
     result.update(extractor=scoring.extractor.name, **scoring.score([fake], correct).sets[0], **scoring.floor())
     if cfg.get("clip_model") and module is not None and hasattr(module.conditioner, "example_prompts"):
         result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, (fake + 1) / 2)
@@ -184,7 +183,7 @@ def report(result: dict) -> str:
     if "class_accuracy" in result:
         rows.append(("class accuracy (asked class)", _with_interval(result, "class_accuracy", 3)))
     if "class_accuracy_real" in result:
-        rows.append(("  the classifier on real images", f"{result['class_accuracy_real']:.3f}"))
+        rows.append(("  the classifier on held-out real images", f"{result['class_accuracy_real']:.3f}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines + [f"note: {n}" for n in result.get("notes", [])] +

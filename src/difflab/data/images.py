@@ -53,7 +53,6 @@ class FolderImages:
     were not the target's."""
 
     images: Tensor  # (N, C, size, size) in [-1, 1]
-    files: list[Path]
     resized: Counter = field(default_factory=Counter)
 
     def notes(self, size: int) -> list[str]:
@@ -77,7 +76,7 @@ def load_images(folder: str | Path, channels: int, size: int, n: int | None = No
     ``channels`` x ``size`` x ``size`` like the training data."""
     files = image_files(folder)
     files = files[:n] if n is not None else files
-    transform, out = fit_transform(size, channels), FolderImages(torch.empty(0), files)
+    transform, out = fit_transform(size, channels), FolderImages(torch.empty(0))
     images = []
     for path in files:
         pixels = read_image(path, channels)
