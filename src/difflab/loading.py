@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 
+from difflab.errors import MissingFileError, UsageError
 from difflab.pipeline import Pipeline
 
 
@@ -16,11 +18,20 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
 
     path = Path(ckpt).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (train first: python train.py)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingFileError(f"checkpoint not found: {path} (train first: python train.py)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # garbage gives a KeyError, a truncated file a RuntimeError, ...
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            raise UsageError(f"{path} holds pickled Python objects, which are not loaded (unpickling them could run "
+                             "any code): use a checkpoint written by difflab's train.py") from err
+        raise UsageError(f"{path} is not a readable checkpoint: corrupt, truncated or not a torch file "
+                         f"({type(err).__name__}: {one_line(err)})") from err
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} is not a train.py checkpoint (it holds a {type(checkpoint).__name__})")
     run_config = checkpoint.get("difflab_config")
     if run_config is None:
-        raise ValueError(f"{path} has no difflab run config: was it written by difflab's train.py?")
+        raise UsageError(f"{path} has no difflab run config: was it written by difflab's train.py?")
     model_config = OmegaConf.create(run_config)["model"]
     if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
         model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
@@ -30,6 +41,11 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = run_config
     return module.to(device).eval()
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message (torch's can run to a page)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def upgrade_sampler_config(node) -> None:
@@ -52,5 +68,5 @@ def load(ckpt: str | Path, device: str | torch.device = "auto", use_ema: bool = 
     """The Pipeline of a train.py checkpoint: EMA weights by default, on ``device`` (auto: CUDA, MPS or CPU)."""
     module = load_module(ckpt, resolve_device(device))
     if not hasattr(module, "pipeline"):
-        raise ValueError(f"{ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to sample")
+        raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to sample")
     return module.pipeline(use_ema=use_ema)

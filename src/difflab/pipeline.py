@@ -28,6 +28,8 @@ from difflab.diffusion.noise import randn
 from difflab.diffusion.parameterization import Prediction
 from difflab.diffusion.samplers import Sampler, get_sampler, require_invertible
 from difflab.diffusion.schedules import NoiseSchedule
+from difflab.errors import UsageError
+from difflab.files import atomic_write
 
 ImageInput = Tensor | str | Path
 
@@ -83,7 +85,7 @@ class Pipeline:
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] -> the diffusion space."""
         if tuple(images.shape[1:]) != self.pixel_shape:
-            raise ValueError(f"images of shape {tuple(images.shape[1:])}, the model takes {self.pixel_shape}")
+            raise UsageError(f"images of shape {tuple(images.shape[1:])}, the model takes {self.pixel_shape}")
         return images if self.first_stage is None else self.first_stage.encode(images)
 
     def decode(self, x: Tensor) -> Tensor:
@@ -109,13 +111,13 @@ class Pipeline:
         conditional = not isinstance(self.conditioner, NoConditioning)
         asked = [x for x in (label, prompt, condition) if x is not None]
         if len(asked) > 1:
-            raise ValueError("give label=, prompt= or condition=, not several")
+            raise UsageError("give label=, prompt= or condition=, not several")
         if unconditional and asked:
-            raise ValueError("unconditional=True samples the null condition: drop label= / prompt= / condition=")
+            raise UsageError("unconditional=True samples the null condition: drop label= / prompt= / condition=")
         if condition is not None:
             count = next(iter(condition.values())).shape[0]
             if n is not None and n != count:
-                raise ValueError(f"the condition is for {count} samples, not n={n}")
+                raise UsageError(f"the condition is for {count} samples, not n={n}")
             return condition, list(range(count)), condition.get("class_labels")
         n = 1 if n is None else n
         if label is None and prompt is None:
@@ -131,7 +133,7 @@ class Pipeline:
         labels = torch.tensor(repeated, device=self.device) if label is not None else None
         if not conditional:  # an unconditional model takes labels only for classifier guidance
             if prompt is not None:
-                raise ValueError("this is an unconditional model: drop prompt=")
+                raise UsageError("this is an unconditional model: drop prompt=")
             return None, index, labels
         kwargs = {"labels": repeated} if label is not None else {"prompts": repeated}
         return self.conditioner.from_request(**kwargs, device=self.device), index, labels
@@ -153,7 +155,7 @@ class Pipeline:
         if part is not None:
             return part.label_indices(labels)
         if any(isinstance(label, str) for label in labels):
-            raise ValueError(f"class names ({labels}) need a class-conditional model: ask with label=K")
+            raise UsageError(f"class names ({labels}) need a class-conditional model: ask with label=K")
         return [int(label) for label in labels]
 
     def _generators(self, count: int, index: list[int], seed, generator) -> list[torch.Generator] | torch.Generator:
@@ -163,7 +165,7 @@ class Pipeline:
             seed = random.randrange(2**31)
         seeds = [seed + k for k in index] if isinstance(seed, int) else list(seed)
         if len(seeds) != count:
-            raise ValueError(f"{len(seeds)} seeds for {count} samples: give one seed, or one per sample")
+            raise UsageError(f"{len(seeds)} seeds for {count} samples: give one seed, or one per sample")
         # CPU generators: a seed's noise is the same on every device
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -183,7 +185,7 @@ class Pipeline:
             x = x if mask else x * 2 - 1
         count = x.shape[0] if count is None else count
         if x.shape[0] not in (1, count):
-            raise ValueError(f"{x.shape[0]} {'masks' if mask else 'images'} for {count} samples: give 1 or {count}")
+            raise UsageError(f"{x.shape[0]} {'masks' if mask else 'images'} for {count} samples: give 1 or {count}")
         return x.to(self.device).expand(count, -1, -1, -1)
 
     # ---- generation -----------------------------------------------------------------------------------
@@ -210,14 +212,16 @@ class Pipeline:
             given = noise if noise is not None else init_image if isinstance(init_image, Tensor) else None
             requests = len(_as_list(label if label is not None else prompt)) if (label, prompt) != (None, None) else 1
             n = given.shape[0] // requests if given is not None and given.ndim == 4 else 1
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         cond, index, labels = self.conditions(n, label, prompt, condition, unconditional)
         count = len(index)
         if classifier is not None and labels is None:
-            raise ValueError("classifier guidance needs the classes to guide toward: label=K (or a list)")
+            raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
         if mask is not None and init_image is None:
-            raise ValueError("inpainting needs the image to inpaint: pass init_image= with mask=")
+            raise UsageError("inpainting needs the image to inpaint: pass init_image= with mask=")
         if noise is not None and tuple(noise.shape) != (count, *self.image_shape):
-            raise ValueError(f"noise of shape {tuple(noise.shape)}, expected {(count, *self.image_shape)}")
+            raise UsageError(f"noise of shape {tuple(noise.shape)}, expected {(count, *self.image_shape)}")
         sampler = self.resolve_sampler(sampler, steps)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         generators = self._generators(count, index, seed, generator)
@@ -324,7 +328,8 @@ class Pipeline:
         names = names or [f"{i:04d}.png" for i in range(len(images))]
         paths = [folder / name for name in names]
         for image, path in zip(images, paths, strict=True):
-            save_image(image.float().cpu(), path)
+            with atomic_write(path) as tmp:  # a viewer or an evaluation never reads half an image
+                save_image(image.float().cpu(), tmp)
         return paths
 
 

@@ -11,15 +11,17 @@ when the interval covers 0. Prints a table, writes JSON."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import CONFIG_PACKAGE
+from difflab.cli.errors import hydra_main
 from difflab.cli.sample import checkpoint_sampler
 from difflab.data.images import image_files, load_images
+from difflab.errors import UsageError
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
 from difflab.loading import load_module, resolve_device
 
@@ -36,14 +38,15 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("compare"):
         return compare(cfg)
     if (cfg.ckpt is None) == (cfg.samples is None):
-        raise ValueError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
+        raise UsageError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt, device) if cfg.ckpt else None
     if module is not None:
         n = cfg.n or DEFAULT_N
         real = RealImages.of(OmegaConf.create(module.run_config["data"]), n, cfg.seed)
     else:
-        n = cfg.n or len(image_files(cfg.samples))
+        with samples_folder():
+            n = cfg.n or len(image_files(cfg.samples))
         real = RealImages.of(cfg.data, n, cfg.seed)
     result = {"n": n, "n_real": len(real.images), "seed": cfg.seed, "notes": []}
     if len(real.images) < n:
@@ -58,9 +61,10 @@ def evaluate(cfg: DictConfig) -> dict:
         result.update(ckpt=str(cfg.ckpt), sampler=OmegaConf.to_container(sampler_cfg),
                       guidance_scale=generated.settings["guidance_scale"])
     else:
-        folder = load_images(cfg.samples, real.images.shape[1], real.images.shape[-1], n)
+        with samples_folder():
+            folder = load_images(cfg.samples, real.images.shape[1], real.images.shape[-1], n)
         if len(folder.images) < n:
-            raise ValueError(f"{cfg.samples} has {len(folder.images)} images, fewer than n={n}: lower n (FIDs are "
+            raise UsageError(f"{cfg.samples} has {len(folder.images)} images, fewer than n={n}: lower n (FIDs are "
                              "only comparable at equal n)")
         fake = folder.images
         result.update(samples=str(cfg.samples))
@@ -80,6 +84,17 @@ def evaluate(cfg: DictConfig) -> dict:
         result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, (fake + 1) / 2)
     result.update(confidence=cfg.confidence, bootstrap=cfg.bootstrap, warnings=scoring.warnings)
     return result
+
+
+@contextmanager
+def samples_folder() -> Iterator[None]:
+    """Reading ``samples=DIR``: its refusals (no images, an unreadable one) are about the user's folder."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def clip_score(cfg: DictConfig, example_prompts: list[str], images) -> float:
@@ -102,17 +117,17 @@ def settings(cfg: DictConfig) -> list[dict]:
     over the command line's."""
     entries = list(cfg.compare)
     if len(entries) != 2:
-        raise ValueError(f"compare takes two settings (A and B), got {len(entries)}")
+        raise UsageError(f"compare takes two settings (A and B), got {len(entries)}")
     out = []
     for entry in entries:
         entry = {"ckpt": entry} if isinstance(entry, str) else OmegaConf.to_container(entry)
         unknown = set(entry) - set(SETTING_KEYS)
         if unknown:
-            raise ValueError(f"unknown compare keys {sorted(unknown)}; valid: {', '.join(SETTING_KEYS)}")
+            raise UsageError(f"unknown compare keys {sorted(unknown)}; valid: {', '.join(SETTING_KEYS)}")
         setting = {"ckpt": cfg.ckpt, "sampler": None, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
                    **entry}
         if setting["ckpt"] is None:
-            raise ValueError("compare needs a checkpoint for each setting: compare=[CKPT_A,CKPT_B], or ckpt=PATH")
+            raise UsageError("compare needs a checkpoint for each setting: compare=[CKPT_A,CKPT_B], or ckpt=PATH")
         out.append(setting)
     return out
 
@@ -125,7 +140,7 @@ def compare(cfg: DictConfig) -> dict:
     modules = {path: load_module(path, device) for path in dict.fromkeys(s["ckpt"] for s in chosen)}
     data = [modules[s["ckpt"]].run_config["data"] for s in chosen]
     if data[0] != data[1]:
-        raise ValueError("compare needs two models of the same data: their data configs differ")
+        raise UsageError("compare needs two models of the same data: their data configs differ")
     n = cfg.n or DEFAULT_N
     real = RealImages.of(OmegaConf.create(data[0]), n, cfg.seed)
     default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
@@ -134,7 +149,7 @@ def compare(cfg: DictConfig) -> dict:
                           progress=cfg.progress) for s in chosen]
     labels = [g.labels for g in generated]
     if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
-        raise ValueError("compare needs the same conditions for A and B (models with the same classes)")
+        raise UsageError("compare needs the same conditions for A and B (models with the same classes)")
     scoring = scorer(cfg, real)
     correct, notes = None, []
     if labels[0] is not None:
@@ -226,7 +241,7 @@ def default_out(cfg: DictConfig, result: dict) -> Path:
     return Path(cfg.samples) / f"fid_n{result['n']}.json"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
+@hydra_main("evaluate", unused=lambda cfg: () if cfg.get("samples") else ("data",))
 def main(cfg: DictConfig) -> None:
     result = evaluate(cfg)
     print(report(result))

@@ -11,11 +11,10 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import CONFIG_PACKAGE
+from difflab.cli.errors import hydra_main
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
 from difflab.loading import load_module, resolve_device
 from difflab.plots import pareto_front, plot_quality_cost
@@ -74,7 +73,7 @@ def table(rows: list[dict], floor: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="nfe_sweep")
+@hydra_main("nfe_sweep")
 def main(cfg: DictConfig) -> None:
     rows, floor = sweep(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval" / f"nfe_sweep_n{cfg.n}"

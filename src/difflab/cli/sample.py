@@ -18,15 +18,15 @@ import math
 import re
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from difflab.cli import CONFIG_PACKAGE
+from difflab.cli.errors import hydra_main
 from difflab.conditioning.base import NoConditioning
 from difflab.data.images import load_image, load_mask
+from difflab.errors import MissingFileError, UsageError
 from difflab.loading import load_module, resolve_device, upgrade_sampler_config
 from difflab.pipeline import Pipeline
 
@@ -46,16 +46,16 @@ def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
     if cfg.get("prompts_file"):
         path = Path(cfg.prompts_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompts_file not found: {path}")
+            raise MissingFileError(f"prompts_file not found: {path}")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     labels = cfg.get("label")
     if prompts is not None and labels is not None:
-        raise ValueError("give prompt= (or prompts_file=) or label=, not both")
+        raise UsageError("give prompt= (or prompts_file=) or label=, not both")
     if prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         for prompt in prompts:
             if not isinstance(prompt, str):
-                raise TypeError(f"prompts must be strings, got {prompt!r}")
+                raise UsageError(f"prompts must be strings, got {prompt!r}")
         return [(slug(p), {"prompt": p}) for p in prompts]
     if labels is not None:  # class indices (label=7) or, for image-folder models, class names (label=circle)
         labels = [labels] if isinstance(labels, (int, str)) else list(labels)
@@ -76,20 +76,20 @@ def sample(cfg: DictConfig) -> Path:
     asked = requests(cfg)
     unconditional_model = isinstance(pipe.conditioner, NoConditioning)
     if asked != [("", {})] and unconditional_model and not cfg.get("classifier_ckpt"):
-        raise ValueError(f"{cfg.ckpt} is an unconditional model: drop prompt= / label= (or guide it with a noisy "
+        raise UsageError(f"{cfg.ckpt} is an unconditional model: drop prompt= / label= (or guide it with a noisy "
                          "classifier: classifier_ckpt=PATH label=K)")
     if cfg.get("unconditional") and asked != [("", {})]:
-        raise ValueError("unconditional=true samples the null condition: drop prompt= / label=")
+        raise UsageError("unconditional=true samples the null condition: drop prompt= / label=")
     guidance = pipe.guidance_scale if cfg.get("guidance_scale") is None else cfg.guidance_scale
     classifier = None
     if cfg.get("classifier_ckpt"):
         from difflab.lightning.classifier_module import NoisyClassifierModule
 
         if not any("label" in r for _, r in asked):
-            raise ValueError("classifier guidance needs the classes to guide toward: label=K (or a list)")
+            raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
         classifier_module = load_module(cfg.classifier_ckpt, device)
         if not isinstance(classifier_module, NoisyClassifierModule):
-            raise ValueError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
+            raise UsageError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
                              "model=classifier)")
         classifier = classifier_module.network
     editing = editing_inputs(cfg, pipe)
@@ -134,9 +134,9 @@ def sample(cfg: DictConfig) -> Path:
 def editing_inputs(cfg: DictConfig, pipe: Pipeline) -> dict:
     """The pipeline's editing arguments from ``init_image=``, ``strength=``, ``mask=``, ``resample=``."""
     if cfg.get("mask") and not cfg.get("init_image"):
-        raise ValueError("mask= needs the image to inpaint: init_image=PATH")
+        raise UsageError("mask= needs the image to inpaint: init_image=PATH")
     if cfg.get("invert") and cfg.get("init_image"):
-        raise ValueError("give invert=PATH (DDIM inversion) or init_image=PATH (image-to-image / inpainting), not both")
+        raise UsageError("give invert=PATH (DDIM inversion) or init_image=PATH (image-to-image / inpainting), not both")
     if not cfg.get("init_image"):
         return {}
     channels, size = pipe.pixel_shape[0], pipe.pixel_shape[-1]
@@ -185,7 +185,7 @@ def padded_row(images: list[torch.Tensor], length: int) -> torch.Tensor:
     return torch.stack(images + [blank] * (length - len(images)))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="sample")
+@hydra_main("sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

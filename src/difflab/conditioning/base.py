@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from difflab.errors import UsageError
+
 Condition = dict[str, Tensor]  # keyword arguments of the network
 
 
@@ -82,7 +84,7 @@ class ClassConditioner(Conditioner):
     def __init__(self, num_classes: int | None, drop_prob: float = 0.1, class_names: Sequence[str] | None = None):
         super().__init__(drop_prob)
         if not num_classes or num_classes < 1:
-            raise ValueError(f"conditioning=class needs the number of classes, got {num_classes!r}: give the images "
+            raise UsageError(f"conditioning=class needs the number of classes, got {num_classes!r}: give the images "
                              "class subfolders, set data.num_classes=K, or train without labels: conditioning=none")
         if class_names is not None and len(class_names) > num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
@@ -97,10 +99,10 @@ class ClassConditioner(Conditioner):
                 if not self.class_names or label not in self.class_names:
                     known = f"its classes: {', '.join(self.class_names)}" if self.class_names else \
                         f"it has no class names: ask with label=K, K in 0..{self.num_classes - 1}"
-                    raise ValueError(f"unknown class {label!r}; {known}")
+                    raise UsageError(f"unknown class {label!r}; {known}")
                 label = self.class_names.index(label)
             if not 0 <= int(label) < self.num_classes:
-                raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {label}")
+                raise UsageError(f"label={label} is out of range: this model's classes are 0..{self.num_classes - 1}")
             indices.append(int(label))
         return indices
 
@@ -122,9 +124,9 @@ class ClassConditioner(Conditioner):
     def from_request(self, labels: Sequence[int | str] | None = None, prompts: Sequence[str] | None = None,
                      device: torch.device | str = "cpu") -> Condition:
         if prompts:
-            raise ValueError("this model is class-conditional: ask with label=K, not prompt=...")
+            raise UsageError("this model is class-conditional: ask with label=K, not prompt=...")
         if labels is None:
-            raise ValueError(f"this model is class-conditional: give label=K with K in 0..{self.num_classes - 1}")
+            raise UsageError(f"this model is class-conditional: give label=K with K in 0..{self.num_classes - 1}")
         return {"class_labels": torch.tensor(self.label_indices(labels), dtype=torch.long, device=device)}
 
     def examples(self, n: int, device: torch.device | str = "cpu") -> Condition:
@@ -201,7 +203,7 @@ class MultiConditioner(Conditioner):
         """Class parts take the labels, the others the prompts; a part given nothing gets its null."""
         n = len(labels) if labels is not None else len(prompts) if prompts is not None else 0
         if n == 0:
-            raise ValueError("give label= or prompt=")
+            raise UsageError("give label= or prompt=")
         conditions = []
         for part in self.parts.values():
             if isinstance(part, ClassConditioner):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.conditioning.base import Condition, Conditioner, example_indices, pad_tokens
+from difflab.errors import UsageError
 from difflab.extras import require
 
 
@@ -25,7 +26,7 @@ class TextEncoder(nn.Module):
                  dim: int | None = None):
         super().__init__()
         if pooling not in ("mean", "cls", "pooler"):
-            raise ValueError(f"unknown pooling {pooling!r}; valid: mean, cls, pooler")
+            raise UsageError(f"unknown pooling {pooling!r}; valid: mean, cls, pooler")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -172,9 +173,9 @@ class TextConditioner(Conditioner):
     def from_request(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
                      device: torch.device | str = "cpu") -> Condition:
         if labels is not None and not prompts:
-            raise ValueError('this model is text-conditional: ask with prompt="...", not label=K')
+            raise UsageError('this model is text-conditional: ask with prompt="...", not label=K')
         if not prompts:
-            raise ValueError('this model is text-conditional: give prompt="..." (or a file of prompts)')
+            raise UsageError('this model is text-conditional: give prompt="..." (or a file of prompts)')
         return self.encode(list(prompts), device)
 
     def examples(self, n: int, device: torch.device | str = "cpu") -> Condition:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from difflab.errors import UsageError
+
 CONFIG_DIR = str(Path(__file__).resolve().parent)
 CONFIG_PACKAGE = "pkg://difflab.conf"
 
@@ -27,7 +29,7 @@ def build(group: str, name: str, **overrides: Any) -> Any:
 
     path = Path(CONFIG_DIR) / group / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown {group} {name!r}; valid: {', '.join(options(group))}")
+        raise UsageError(f"unknown {group} {name!r}; valid: {', '.join(options(group))}")
     kwargs = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), overrides), resolve=True)
     # called directly rather than through hydra's instantiate, so a bad value raises its own one-line error
     return get_object(kwargs.pop("_target_"))(**kwargs)

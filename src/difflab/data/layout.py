@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from difflab.errors import UsageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 NO_LABEL = -1
 AUTO = "auto"
@@ -41,18 +43,18 @@ class FolderLayout:
                         record = json.loads(line)
                         items.append((root / record["file_name"], NO_LABEL, str(record.get("text", ""))))
                     except (json.JSONDecodeError, KeyError) as err:
-                        raise ValueError(f"{metadata}:{n}: expected {{'file_name': ..., 'text': ...}}: {err}") from err
+                        raise UsageError(f"{metadata}:{n}: expected {{'file_name': ..., 'text': ...}}: {err}") from err
             names: list[str] = []
         else:
             found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
             names = list(class_names) if class_names else found
             missing = [name for name in names if not (root / name).is_dir()]
             if missing:
-                raise ValueError(f"class folder(s) {missing} not in {root} (its class folders: {', '.join(found)})")
+                raise UsageError(f"class folder(s) {missing} not in {root} (its class folders: {', '.join(found)})")
             items = [(path, label, name) for label, name in enumerate(names)
                      for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
         if not items:
-            raise ValueError(f"no images found in {root}: expected class subfolders or a metadata.jsonl")
+            raise UsageError(f"no images found in {root}: expected class subfolders or a metadata.jsonl")
         return cls(root, items, names)
 
     def channels(self) -> int:
@@ -62,7 +64,7 @@ class FolderLayout:
         for path, _, _ in self.items:
             (gray if is_grayscale_file(path) else colour).append(path)
         if gray and colour:
-            raise ValueError(f"{self.root} mixes grayscale ({len(gray)}, e.g. {gray[0]}) and colour ({len(colour)}, "
+            raise UsageError(f"{self.root} mixes grayscale ({len(gray)}, e.g. {gray[0]}) and colour ({len(colour)}, "
                              f"e.g. {colour[0]}) images: set data.channels=1 or data.channels=3 to convert them all")
         return 1 if gray else 3
 
@@ -96,7 +98,7 @@ def resolve_folder_config(data) -> None:
     if data.get("num_classes") == AUTO:
         data.num_classes = len(names) or None
     elif data.get("num_classes") is not None and names and data.num_classes < len(names):
-        raise ValueError(f"data.num_classes={data.num_classes} but {layout.root} has {len(names)} class folders "
+        raise UsageError(f"data.num_classes={data.num_classes} but {layout.root} has {len(names)} class folders "
                          f"({', '.join(names)}): drop data.num_classes (auto) or raise it")
     if "class_names" in data and data.class_names is None and names:
         data.class_names = names

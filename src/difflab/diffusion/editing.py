@@ -13,13 +13,14 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.grid import Grid
 from difflab.diffusion.noise import Generators, randn_like
 from difflab.diffusion.samplers.base import Callback, Sampler
+from difflab.errors import UsageError
 
 
 def strength_start_index(num_steps: int, strength: float) -> int:
     """The grid index SDEdit (Meng et al. 2022) starts from: the last round(down) ``strength * num_steps`` steps
     are run, as diffusers' image-to-image pipelines do. strength 1 runs every step (from pure noise), 0 none."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0: return the input, 1: ignore it), got {strength}")
+        raise UsageError(f"strength must be in [0, 1] (0: return the input, 1: ignore it), got {strength}")
     return num_steps - min(int(num_steps * strength), num_steps)
 
 
@@ -44,7 +45,7 @@ def repaint(sampler: Sampler, denoiser: Denoiser, x_T: Tensor, known: Tensor, ma
     where mask = 0.
     """
     if resample < 1:
-        raise ValueError(f"resample must be >= 1 (1: no resampling), got {resample}")
+        raise UsageError(f"resample must be >= 1 (1: no resampling), got {resample}")
     grid = sampler.grid(denoiser.schedule) if grid is None else grid
     denoise = sampler.bind(denoiser, grid, x_T.dtype)
     x, memory = sampler.state(x_T), {}

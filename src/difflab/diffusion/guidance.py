@@ -15,6 +15,7 @@ from torch import Tensor
 
 from difflab.conditioning.base import Condition, concat_conditions
 from difflab.diffusion.denoiser import Denoiser
+from difflab.errors import UsageError
 
 
 class ClassifierFreeGuidance:
@@ -30,7 +31,7 @@ class ClassifierFreeGuidance:
     def __init__(self, network: Callable[..., Tensor], condition: Condition, null_condition: Condition,
                  scale: float, rescale: float = 0.0):
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must lie in [0, 1], got {rescale}")
+            raise UsageError(f"guidance_rescale must lie in [0, 1], got {rescale}")
         self.network, self.condition, self.null_condition = network, condition, null_condition
         self.scale, self.rescale = float(scale), float(rescale)
         self._both = concat_conditions(null_condition, condition) if scale not in (0.0, 1.0) else None

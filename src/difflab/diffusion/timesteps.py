@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.errors import UsageError
+
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -22,9 +24,9 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "l
     linspace: N points evenly from 0 to T-1
     """
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        raise UsageError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}] (the training timesteps), got {num_steps}")
+        raise UsageError(f"num_steps must be in [1, {num_train_timesteps}] (the training timesteps), got {num_steps}")
     if spacing == "leading":
         step_ratio = num_train_timesteps // num_steps
         timesteps = (np.arange(0, num_steps) * step_ratio).round()[::-1] + steps_offset

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab.errors import MissingFileError, UsageError
 from difflab.extras import require
 from difflab.nn.autoencoder import Autoencoder
 
@@ -96,12 +97,12 @@ class AutoencoderFirstStage(FirstStage):
         """Load a ``python train.py model=autoencoder`` checkpoint; ``scale_factor`` overrides the stored one."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"first-stage checkpoint not found: {path} (train the autoencoder first: python "
+            raise MissingFileError(f"first-stage checkpoint not found: {path} (train the autoencoder first: python "
                                     "train.py model=autoencoder, then first_stage.ckpt=<run>/checkpoints/last.ckpt)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model_config = (checkpoint.get("difflab_config") or {}).get("model") or {}
         if model_config.get("_target_") != AUTOENCODER_MODULE:
-            raise ValueError(f"{path} is not an autoencoder checkpoint (its model is "
+            raise UsageError(f"{path} is not an autoencoder checkpoint (its model is "
                              f"{model_config.get('_target_', 'unknown')}); train one with: python train.py "
                              "model=autoencoder")
         state = checkpoint["state_dict"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from difflab.errors import UsageError
 from difflab.lightning.base import DifflabModule
 from difflab.nn.autoencoder import Autoencoder
 
@@ -49,7 +50,7 @@ class AutoencoderModule(DifflabModule):
     ):
         super().__init__(optimizer, lr_scheduler, run_config)
         if reconstruction not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"unknown reconstruction loss {reconstruction!r}; "
+            raise UsageError(f"unknown reconstruction loss {reconstruction!r}; "
                              f"valid: {', '.join(RECONSTRUCTION_LOSSES)}")
         self.autoencoder = autoencoder
         self.discriminator = discriminator

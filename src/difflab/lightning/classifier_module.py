@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.diffusion import NoiseSchedule
+from difflab.errors import UsageError
 from difflab.lightning.base import DifflabModule
 
 
@@ -25,9 +26,9 @@ class NoisyClassifierModule(DifflabModule):
                  clean: bool = False):  # clean images only: a classifier of samples (evaluate.py classifier=PATH)
         super().__init__(optimizer, lr_scheduler, run_config)
         if not num_classes:
-            raise ValueError("model=classifier needs labelled data: class subfolders, or data.num_classes=K")
+            raise UsageError("model=classifier needs labelled data: class subfolders, or data.num_classes=K")
         if network.out_channels != num_classes:
-            raise ValueError(f"the classifier network has {network.out_channels} outputs for {num_classes} classes")
+            raise UsageError(f"the classifier network has {network.out_channels} outputs for {num_classes} classes")
         self.network, self.schedule = network, schedule
         self.buckets, self.clean = buckets, clean
 

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from difflab.diffusion.samplers import Sampler
+from difflab.errors import UsageError
 from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.lightning.compat import checkpoint_every_n_steps, record_metric
@@ -61,7 +62,7 @@ class FIDCallback(Periodic):
         """A checkpoint kept by FID needs a FID of its own step: one computed earlier would be credited to it."""
         every = checkpoint_every_n_steps(checkpoint)
         if self.every_n_steps <= 0 or not every or every % self.every_n_steps:
-            raise ValueError(f"callbacks.checkpoint.monitor={self.metric_name} needs a FID at every checkpoint step: "
+            raise UsageError(f"callbacks.checkpoint.monitor={self.metric_name} needs a FID at every checkpoint step: "
                              f"set callbacks.fid.every_n_steps to a divisor of callbacks.checkpoint."
                              f"every_n_train_steps ({every}), now {self.every_n_steps}")
 

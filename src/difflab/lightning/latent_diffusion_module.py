@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from difflab.errors import UsageError
 from difflab.files import atomic_write
 from difflab.latent.first_stage import FirstStage
 from difflab.lightning.diffusion_module import DiffusionModule
@@ -41,7 +42,7 @@ class LatentDiffusionModule(DiffusionModule):
         self._latent_cache_path: Path | None = None
         network_channels = getattr(self.network, "in_channels", first_stage.latent_channels)
         if network_channels != first_stage.latent_channels:
-            raise ValueError(f"the network takes {network_channels}-channel inputs but the first stage's latents have "
+            raise UsageError(f"the network takes {network_channels}-channel inputs but the first stage's latents have "
                              f"{first_stage.latent_channels} channels: set network.in_channels="
                              f"{first_stage.latent_channels}")
 

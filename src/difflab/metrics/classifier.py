@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.errors import MissingFileError, UsageError
 from difflab.files import atomic_write
 
 WEIGHTS = Path(__file__).parent / "weights" / "mnist_classifier.safetensors"
@@ -167,7 +168,7 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, list[str] | None]:
 
     module = load_module(path)
     if not isinstance(module, NoisyClassifierModule):
-        raise ValueError(f"{path} is a {type(module).__name__} checkpoint, not a classifier (train one: "
+        raise UsageError(f"{path} is a {type(module).__name__} checkpoint, not a classifier (train one: "
                          "python train.py model=classifier model.clean=true data=...)")
     return CleanClassifier(module.network).eval(), module.run_config["data"].get("class_names")
 
@@ -178,7 +179,7 @@ def load_digit_classifier(path: str | Path = WEIGHTS) -> DigitClassifier:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no classifier weights at {path}; train them with "
+        raise MissingFileError(f"no classifier weights at {path}; train them with "
                                 "`python -m difflab.metrics.classifier train --out PATH`")
     state = load_file(path)
     model = DigitClassifier(num_classes=state["head.weight"].shape[0], in_channels=state["body.0.weight"].shape[1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from difflab.errors import UsageError
 from difflab.extras import require
 
 
@@ -37,7 +38,7 @@ class CLIPScore(nn.Module):
             model = transformers.CLIPModel.from_pretrained(name_or_path, local_files_only=local_files_only)
             processor = transformers.CLIPProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
         except OSError as err:
-            raise ValueError(f"could not load a CLIP model from {name_or_path!r} (a hub id or a folder written by "
+            raise UsageError(f"could not load a CLIP model from {name_or_path!r} (a hub id or a folder written by "
                              f"save_pretrained); offline, judge digits by class accuracy instead: {err}") from err
         return cls(model, processor)
 

@@ -9,6 +9,7 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.grid import Grid
 from difflab.diffusion.noise import randn_like
 from difflab.diffusion.samplers.base import Callback, Sampler
+from difflab.errors import UsageError
 
 
 class DDIMSampler(Sampler):
@@ -66,6 +67,6 @@ def require_invertible(sampler: Sampler) -> DDIMSampler:
     """The sampler, if inversion can run it backwards (deterministic DDIM); a clear error otherwise."""
     if not isinstance(sampler, DDIMSampler) or sampler.eta != 0:
         eta = f" (eta={sampler.eta})" if isinstance(sampler, DDIMSampler) else ""
-        raise ValueError(f"inversion runs the deterministic DDIM sampler backwards: use sampler=ddim with eta=0, "
+        raise UsageError(f"inversion runs the deterministic DDIM sampler backwards: use sampler=ddim with eta=0, "
                          f"not {sampler!r}{eta}")
     return sampler
