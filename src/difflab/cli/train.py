@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import CONFIG_PACKAGE
+from difflab.cli.errors import hydra_main
 from difflab.cli.sweep_summary import METRICS_FILE, write_final_metrics
 from difflab.data.layout import resolve_folder_config
+from difflab.errors import MissingFileError, UsageError
+from difflab.files import remove_partial_writes, write_text
+from difflab.lightning.checkpoint_io import SafeCheckpointIO
 from difflab.lightning.last_checkpoint import LastCheckpoint
 from difflab.lightning.loggers import finish_wandb_runs
+from difflab.run_lock import RunLock
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
@@ -32,7 +37,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if str(cfg.trainer.get("strategy", "")).startswith("fsdp"):
+        raise UsageError("trainer.strategy=fsdp is not supported: difflab's EMA copy and FSDP's sharded parameters "
+                         "are untested together; use trainer.strategy=ddp")
+    # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()])
     return model, datamodule, trainer
 
 
@@ -47,15 +56,18 @@ def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
                        "ckpt_path=null starts afresh)")
         return str(last)
     if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
-        raise FileNotFoundError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
+        raise MissingFileError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
     return cfg.ckpt_path
 
 
 def warn_if_config_changed(previous: DictConfig, cfg: DictConfig) -> None:
     """ckpt_path=auto resumes whatever this run directory holds: say so when its run had another config (a longer
     ``trainer.max_steps`` is a usual reason; a reused directory for another experiment is not)."""
-    before = _flatten(OmegaConf.to_container(previous, resolve=False))
     after = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    # a moved or copied run directory: the paths under its old location read as the same paths under the new one
+    moved_from, moved_to = previous.get("paths", {}).get("output_dir"), after.get("paths.output_dir")
+    before = {key: value.replace(moved_from, moved_to) if isinstance(value, str) and moved_from else value
+              for key, value in _flatten(OmegaConf.to_container(previous, resolve=False)).items()}
     changed = sorted(k for k in before.keys() | after.keys()
                      if before.get(k) != after.get(k) and not k.startswith(("paths.", "ckpt_path")))
     if changed:
@@ -90,13 +102,22 @@ def run(cfg: DictConfig) -> L.Trainer:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     L.seed_everything(cfg.seed, workers=True)
     model, datamodule, trainer = build(cfg)
+    with locked_run_directory(trainer):
+        fit(cfg, model, datamodule, trainer)
+    return trainer
+
+
+def fit(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule, trainer: L.Trainer) -> None:
+    """Resume or start, train, and write what a finished (or preempted) run leaves behind."""
     ckpt_path = resume_path(cfg, trainer)
-    os.makedirs(trainer.default_root_dir, exist_ok=True)
+    if ckpt_path is not None:  # a resumed run's checkpoints folder holds checkpoints: that is the point
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     config_file = os.path.join(trainer.default_root_dir, "config.yaml")
-    if ckpt_path is not None and cfg.ckpt_path == "auto" and os.path.isfile(config_file):
-        warn_if_config_changed(OmegaConf.load(config_file), cfg)
-    OmegaConf.save(cfg, config_file, resolve=True)
-    if trainer.is_global_zero:  # a finished run writes it again; a stale one would read as this run's result
+    if trainer.is_global_zero:
+        if ckpt_path is not None and cfg.ckpt_path == "auto" and os.path.isfile(config_file):
+            warn_if_config_changed(OmegaConf.load(config_file), cfg)
+        write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True))
+        # a finished run writes it again; a stale one would read as this run's result
         Path(trainer.default_root_dir, METRICS_FILE).unlink(missing_ok=True)
     for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
         logger.log_hyperparams(model.run_config)
@@ -110,10 +131,28 @@ def run(cfg: DictConfig) -> L.Trainer:
     elif trainer.is_global_zero:  # a finished run's final metrics, for sweep summaries
         write_final_metrics(trainer.default_root_dir, trainer.callback_metrics, trainer.global_step,
                             task_overrides())
-    return trainer
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
+@contextmanager
+def locked_run_directory(trainer: L.Trainer) -> Iterator[None]:
+    """On global rank zero, hold the run directory's lock while training (a second live process there is refused,
+    a dead one's lock taken over) and clear the partial files a killed predecessor left."""
+    if not trainer.is_global_zero:
+        yield
+        return
+    lock = RunLock(trainer.default_root_dir).acquire()
+    try:
+        if lock.took_over is not None:
+            rank_zero_info(f"took over the run directory from process {lock.took_over.get('pid')} on "
+                           f"{lock.took_over.get('host')}, which is no longer running")
+        for folder in (trainer.default_root_dir, LastCheckpoint.checkpoint_path(trainer).parent):
+            remove_partial_writes(folder)
+        yield
+    finally:
+        lock.release()
+
+
+@hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final ``val/loss``: the objective Hydra's optimizing sweepers (Optuna, Ax, Nevergrad) minimize."""
     trainer = run(cfg)

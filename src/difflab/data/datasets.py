@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from difflab.data.images import fit_transform, read_image
+from difflab.data.images import UnreadableImageError, fit_transform, read_image
 from difflab.data.layout import NO_LABEL, FolderLayout
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -77,8 +77,9 @@ class ImageFolder(Dataset):
     {"file_name", "text"} captions (the Hugging Face imagefolder convention; see ``FolderLayout``).
 
     Images are resized (shorter side) and center-cropped to ``image_size``, optionally flipped at random,
-    scaled to [-1, 1]. An unreadable image raises an error naming its path. Not torchvision's ImageFolder: that
-    reads class subfolders only, and we also need the captions of a metadata.jsonl and dict items with a caption.
+    scaled to [-1, 1]. An unreadable (or missing) image raises ``UnreadableImageError`` naming its path (the
+    datamodule's ``on_error=skip`` replaces it instead: ``difflab.data.unreadable``). Not torchvision's ImageFolder:
+    that reads class subfolders only, and we also need the captions of a metadata.jsonl and dict items with a caption.
     """
 
     def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, random_flip: bool = False,
@@ -95,6 +96,11 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label, text = self.items[index]
-        image = self.transform(read_image(path, self.channels))
+        try:
+            pixels = read_image(path, self.channels)
+        except (UnreadableImageError, FileNotFoundError) as err:  # a file listed in metadata.jsonl may be missing
+            raise UnreadableImageError(f"{err} (find every unreadable file: python -m difflab.data.check {self.root}; "
+                                       f"skip them while training: data.on_error=skip)", path=path) from err
+        image = self.transform(pixels)
         caption = text if label == NO_LABEL else f"a photo of a {text}"
         return {"image": image, "label": label, "caption": caption, "index": index}

@@ -4,6 +4,7 @@ and generated images are compared as the same kind of tensor)."""
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,25 +14,41 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from difflab.data.layout import IMAGE_SUFFIXES
+from difflab.errors import UsageError
 
 
 class UnreadableImageError(OSError, ValueError):
-    """An image file PIL cannot decode (both an OSError, as PIL's own, and a ValueError: a bad input)."""
+    """An image file PIL cannot decode (both an OSError, as PIL's own, and a ValueError: a bad input); ``path``
+    names it (``data.on_error=skip`` counts the files by it)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def read_image(path: str | Path, channels: int) -> Tensor:
     """An image file as uint8 (channels, H, W): converted to grayscale (1) or RGB (3)."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    return _decode(path, channels, path)
+
+
+def decode_image(data: bytes, channels: int, name: str) -> Tensor:
+    """Encoded image bytes (a tar shard's member) as uint8 (channels, H, W); ``name`` says where they came from."""
+    return _decode(io.BytesIO(data), channels, name)
+
+
+def _decode(file, channels: int, name: str | Path) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
     try:
-        with Image.open(path) as img:
-            return pil_to_tensor(img.convert("L" if channels == 1 else "RGB"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        with Image.open(file) as img:
+            return pil_to_tensor(img.convert("L" if channels == 1 else "RGB"))  # decodes every pixel
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # PIL reports some corrupt files (a PNG chunk's bad checksum) as SyntaxError or ValueError
+        raise UnreadableImageError(f"cannot read image {name}: {err}", path=name) from err
 
 
 def fit_transform(size: int, channels: int, random_flip: bool = False) -> v2.Compose:
@@ -67,7 +84,7 @@ def image_files(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"samples folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem != "grid")
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
 

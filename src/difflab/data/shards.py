@@ -24,6 +24,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
+from difflab.data.images import UnreadableImageError, decode_image
+from difflab.data.unreadable import CountsSkippedFiles, SkippedFiles, check_on_error, collate_skipped
+from difflab.errors import UsageError
 from difflab.extras import require
 
 
@@ -76,7 +79,7 @@ def shard_urls(urls: str | list[str]) -> list[str]:
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
         if not found:
-            raise ValueError(f"no .tar shards in {path} (write some: python -m difflab.data.make_shards SRC {path})")
+            raise UsageError(f"no .tar shards in {path} (write some: python -m difflab.data.make_shards SRC {path})")
         return found
     return list(braceexpand.braceexpand(str(urls)))
 
@@ -89,11 +92,17 @@ def _drop_private_keys(samples):
 
 class ShardedImages(IterableDataset):
     """Samples {image, label, caption, key} from tar shards; ``resampled``: an endless stream drawn per rank and
-    worker (seeded), cut into epochs of ``epoch_length`` samples per process; otherwise each sample once."""
+    worker (seeded), cut into epochs of ``epoch_length`` samples per process; otherwise each sample once.
+    ``on_error="skip"``: a sample whose image cannot be decoded is dropped, and the next one yielded lists it
+    (``SHARD:KEY.png``) in ``sample["skipped"]``; a shard that is not a readable tar file is skipped with
+    webdataset's warning."""
 
     def __init__(self, urls: str | list[str], image_size: int = 32, channels: int = 3, resampled: bool = False,
-                 epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, text_length: int = 77):
+                 epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, text_length: int = 77,
+                 on_error: str = "raise"):
         super().__init__()
+        self.on_error = on_error  # raise | skip
+        self._pending_skipped: list[str] = []  # dropped samples not yet reported (one list per worker process)
         self.text_length = text_length  # precomputed caption encodings are padded to this many tokens
         self.urls = shard_urls(urls)
         self.image_size, self.channels = image_size, channels
@@ -105,11 +114,18 @@ class ShardedImages(IterableDataset):
         ])
         self.name = f"webdataset_{Path(self.urls[0]).parent.name}"
 
-    def _sample(self, sample: dict) -> dict:
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        image = sample["png"].convert("L" if self.channels == 1 else "RGB")
-        out = {"image": self.transform(pil_to_tensor(image)), "label": int(sample["cls"]),
+    def _sample(self, sample: dict) -> dict | None:
+        name = f"{sample.get('__url__')}:{sample['__key__']}.png"
+        try:
+            pixels = decode_image(sample["png"], self.channels, name)
+        except UnreadableImageError as err:
+            if self.on_error == "skip":
+                self._pending_skipped.append(name)
+                return None  # webdataset's map drops it
+            folder = Path(str(sample.get("__url__"))).parent
+            raise UnreadableImageError(f"{err} (find every unreadable image: python -m difflab.data.check {folder}; "
+                                       f"skip them while training: data.on_error=skip)", path=name) from err
+        out = {"image": self.transform(pixels), "label": int(sample["cls"]),
                "caption": sample["txt"], "key": sample["__key__"]}
         if "text.npy" in sample:  # the caption's precomputed encoding, padded so that batches stack
             hidden = torch.from_numpy(sample["text.npy"]).float()[: self.text_length]
@@ -119,17 +135,33 @@ class ShardedImages(IterableDataset):
             out["cond"] = torch.from_numpy(sample["pooled.npy"]).float()
         return out
 
+    def _attach_skipped(self, samples):
+        """Each sample lists the samples dropped before it; held back by one, so that the last one yielded lists
+        those dropped at the stream's end too."""
+        held = None
+        for sample in samples:
+            if held is not None:
+                held["skipped"], self._pending_skipped = self._pending_skipped, []
+                yield held
+            held = sample
+        if held is not None:
+            held["skipped"], self._pending_skipped = self._pending_skipped, []
+            yield held
+
     def pipeline(self):
         wds = require("webdataset", "webdataset", "data=webdataset")
+        skip = self.on_error == "skip"
+        to_samples = wds.tarfile_to_samples(handler=wds.warn_and_continue if skip else wds.reraise_exception)
         if self.resampled:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(f"{self.seed}/{rank}/{worker}")  # a stream per (seed, rank, worker)
-            stages = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True), wds.tarfile_to_samples(),
+            stages = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True), to_samples,
                       wds.shuffle(self.shuffle_buffer, rng=rng)]
         else:
-            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker,
-                      wds.tarfile_to_samples()]
-        pipeline = wds.DataPipeline(*stages, wds.decode("pil"), wds.map(self._sample), _drop_private_keys)
+            stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker, to_samples]
+        # wds.decode() decodes the text, label and .npy members; _sample the image, to name a file it cannot read
+        pipeline = wds.DataPipeline(*stages, wds.decode(), wds.map(self._sample), _drop_private_keys,
+                                    *([self._attach_skipped] if skip else []))
         if self.resampled and self.epoch_length:
             info = torch.utils.data.get_worker_info()
             workers = info.num_workers if info is not None else 1
@@ -140,24 +172,33 @@ class ShardedImages(IterableDataset):
         return iter(self.pipeline())
 
 
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(CountsSkippedFiles, L.LightningDataModule):
     """Batches of {image, label, caption} from shards (``data=webdataset``): training resampled per rank with
-    ``epoch_length`` samples per rank per epoch, validation each sample of ``val_urls`` once across ranks."""
+    ``epoch_length`` samples per rank per epoch, validation each sample of ``val_urls`` once across ranks;
+    ``on_error="skip"`` drops undecodable images and counts them (``difflab.data.unreadable``)."""
 
     def __init__(self, train_urls: str | list[str], val_urls: str | list[str] | None = None, image_size: int = 32,
                  channels: int = 3, batch_size: int = 64, epoch_length: int = 10000, seed: int = 0,
-                 num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0, text_length: int = 77):
+                 num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0, text_length: int = 77,
+                 on_error: str = "raise", max_skip_fraction: float = 0.01):
         super().__init__()
+        check_on_error(on_error, max_skip_fraction)
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.num_workers, self.num_classes, self.split_seed = num_workers, num_classes, split_seed
+        self.on_error = on_error
         self.train_set = ShardedImages(train_urls, image_size, channels, resampled=True, epoch_length=epoch_length,
-                                       seed=seed, text_length=text_length)
-        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels, text_length=text_length)
+                                       seed=seed, text_length=text_length, on_error=on_error)
+        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels, text_length=text_length,
+                                     on_error=on_error)
         self.dataset = self.train_set
+        if on_error == "skip":  # a stream has no file count: the share of failed reads, over at least an epoch's
+            source = train_urls if isinstance(train_urls, str) else str(Path(self.train_set.urls[0]).parent)
+            self.skipped = SkippedFiles(max_skip_fraction, source, min_reads=epoch_length)
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          collate_fn=collate_skipped if self.on_error == "skip" else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set)

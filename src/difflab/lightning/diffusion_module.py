@@ -114,7 +114,9 @@ class DiffusionModule(DifflabModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         # here rather than in on_train_batch_end, which runs after the checkpoint callback's
         super().optimizer_step(*args, **kwargs)
-        self.update_ema()
+        # a step the non-finite guard skipped has no gradients left: the EMA skips it too
+        if any(p.grad is not None for p in self.network.parameters()):
+            self.update_ema()
 
     @torch.no_grad()
     def update_ema(self) -> None:
