@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from difflab.extras import require
+from difflab.files import atomic_write
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -56,7 +57,7 @@ def plot_quality_cost(rows: Sequence[dict], path: str | Path, metric: str = "fid
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.files import atomic_write
+from difflab.files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -33,9 +33,8 @@ def write_final_metrics(run_dir: str | os.PathLike, metrics: dict, global_step: 
         value = float(value)
         values[key] = value if math.isfinite(value) else str(value)  # JSON has no nan / inf
     path = Path(run_dir) / METRICS_FILE
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
-                                  indent=2) + "\n")
+    write_text(path, json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
+                                indent=2) + "\n")
     return path
 
 
@@ -77,11 +76,11 @@ def summarize(sweep_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
                "status": status}
         row.update({m: record["metrics"].get(m, "") for m in metric_names})
         rows.append(row)
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    with atomic_write(sweep_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(markdown_table(headline(columns), rows))
+    write_text(sweep_dir / "summary.md", markdown_table(headline(columns), rows))
     return columns, rows
 
 

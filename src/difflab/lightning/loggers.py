@@ -14,7 +14,9 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from difflab.errors import UsageError
 from difflab.extras import require
+from difflab.files import write_text
 from difflab.lightning.compat import wandb_run_started
 
 
@@ -62,7 +64,7 @@ def wandb_logger(save_dir: str, project: str = "difflab", entity: str | None = N
 
     valid = ("auto", "online", "offline", "disabled")
     if mode not in valid:
-        raise ValueError(f"unknown W&B mode {mode!r}; valid: {', '.join(valid)}")
+        raise UsageError(f"unknown W&B mode {mode!r}; valid: {', '.join(valid)}")
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_configured() else "offline")
     id_file = Path(save_dir) / "wandb_run_id"
@@ -71,7 +73,7 @@ def wandb_logger(save_dir: str, project: str = "difflab", entity: str | None = N
         run_id = id_file.read_text().strip()
     else:  # W&B's own id form: 8 lowercase letters and digits
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        id_file.write_text(run_id + "\n")
+        write_text(id_file, run_id + "\n")
     return WandbLogger(save_dir=save_dir, project=project, entity=entity, name=name, tags=list(tags or []),
                        id=run_id, resume="allow", mode=mode, log_model=log_model, **kwargs)
 
