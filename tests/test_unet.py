@@ -208,3 +208,20 @@ def test_encoder_only_unet_is_a_time_conditioned_classifier():
     logits = net(x, torch.tensor([0, 500, 999]))
     assert logits.shape == (3, 10)
     assert not torch.allclose(net(x, torch.tensor([999, 500, 0])), logits)  # depends on t
+
+
+@pytest.mark.parametrize("model_channels", [8, 16])
+@pytest.mark.parametrize("time_embedding,time_injection", list(itertools.product(TIME_EMBEDDINGS, TIME_INJECTIONS)))
+def test_every_injection_responds_to_t_at_narrow_widths_with_the_default_norm_groups(time_embedding, time_injection,
+                                                                                     model_channels):
+    # norm_groups=32 (the default) on 8 / 16 / 32 channels is one channel per group: add's W emb, put before that
+    # norm, would be removed by it and the network would be blind to t
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, model_channels=model_channels, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(2,), num_heads=2, time_embedding=time_embedding, time_injection=time_injection)
+    with torch.no_grad():  # as after some training: the zero-initialised layers are no longer zero
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x = torch.randn(2, 1, 16, 16)
+        change = (model(x, torch.tensor([10, 10])) - model(x, torch.tensor([900, 900]))).abs().max()
+    assert change > 1e-3, change

@@ -7,9 +7,14 @@ import math
 from torch import nn
 
 
-def group_norm(channels: int, groups: int = 32, affine: bool = True) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``groups`` that divides ``channels`` (skip concats give 48, 96...)."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels, affine=affine)
+def group_norm(channels: int, groups: int = 32, affine: bool = True, min_group_size: int = 1) -> nn.GroupNorm:
+    """GroupNorm with ``gcd(groups, channels)`` groups (skip concats give 48, 96...), fewer if that would put fewer
+    than ``min_group_size`` channels in a group: a norm with one channel per group removes any per-channel constant
+    added before it."""
+    count = math.gcd(groups, channels)
+    while count > 1 and channels // count < min_group_size:
+        count = max(d for d in range(1, count) if channels % d == 0)
+    return nn.GroupNorm(count, channels, affine=affine)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

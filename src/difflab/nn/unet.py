@@ -36,7 +36,10 @@ class ResBlock(nn.Module):
         self.time_injection = time_injection
         self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups, affine=time_injection != "adagn")
+        # add puts W emb before norm2: with one channel per group (16 channels, norm_groups 32) the norm would remove
+        # it and the block would be blind to t, so its groups hold at least two channels
+        self.norm2 = group_norm(out_channels, groups, affine=time_injection != "adagn",
+                                min_group_size=2 if time_injection == "add" else 1)
         emb_out = {"add": out_channels, "concat": max(out_channels // 4, 1), "film": 2 * out_channels,
                    "adagn": 2 * out_channels}[time_injection]
         self.emb_proj = nn.Linear(embed_dim, emb_out)
