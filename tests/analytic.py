@@ -1,17 +1,12 @@
-"""A denoiser whose optimal prediction is known in closed form: data = i.i.d. 1-D Gaussian mixture per element.
-
-For x0 ~ sum_k w_k N(mu_k, s_k^2) and x_t = alpha x0 + sigma eps, the posterior over components is
-r_k ∝ w_k N(x_t; alpha mu_k, alpha^2 s_k^2 + sigma^2) and E[x0 | x_t] = sum_k r_k (mu_k + alpha s_k^2
-(x_t - alpha mu_k) / (alpha^2 s_k^2 + sigma^2)); eps_hat and v_hat follow from x0_hat exactly.
-"""
+"""A denoiser whose optimal prediction is known in closed form: data = i.i.d. 1-D Gaussian mixture per element
+(difflab.data.gmm.GaussianMixture gives E[x0 | x_t]); eps_hat and v_hat follow from x0_hat exactly."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
+from difflab.data.gmm import GaussianMixture
 from difflab.diffusion import Denoiser, NoiseSchedule, get_prediction
 
 
@@ -20,19 +15,12 @@ class MixtureDenoiser:
                  weights=(0.3, 0.7), means=(-1.5, 1.0), stds=(0.3, 0.5)):
         self.schedule = schedule
         self.prediction = get_prediction(prediction_type)
-        self.weights = torch.tensor(weights, dtype=torch.float64)
-        self.means = torch.tensor(means, dtype=torch.float64)
-        self.stds = torch.tensor(stds, dtype=torch.float64)
+        self.mixture = GaussianMixture(weights, means, stds)
+        self.weights, self.means, self.stds = self.mixture.weights, self.mixture.means, self.mixture.stds
         self.calls = 0
 
     def x0_hat(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        x = x_t.double().unsqueeze(-1)
-        alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
-        var = alpha**2 * self.stds**2 + sigma**2
-        log_r = self.weights.log() - 0.5 * var.log() - 0.5 * (x - alpha * self.means) ** 2 / var
-        r = torch.softmax(log_r, dim=-1)
-        x0_k = self.means + alpha * self.stds**2 * (x - alpha * self.means) / var
-        return (r * x0_k).sum(-1)
+        return self.mixture.posterior_mean(x_t, alpha, sigma)
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
@@ -46,8 +34,7 @@ class MixtureDenoiser:
         return Denoiser(self, self.schedule, self.prediction)
 
     def sample_data(self, n: int, generator: torch.Generator) -> Tensor:
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        return self.means[k] + self.stds[k] * torch.randn(n, generator=generator, dtype=torch.float64)
+        return self.mixture.sample((n,), generator)
 
     def marginal_sample(self, n: int, t: int, generator: torch.Generator) -> Tensor:
         """Exact draws of x_t for integer t (q(x_t) is again a Gaussian mixture)."""
@@ -56,8 +43,7 @@ class MixtureDenoiser:
         return abar**0.5 * x0 + (1 - abar) ** 0.5 * torch.randn(n, generator=generator, dtype=torch.float64)
 
     def cdf(self, x: Tensor) -> Tensor:
-        z = (x.double().unsqueeze(-1) - self.means) / self.stds
-        return (self.weights * 0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(-1)
+        return self.mixture.cdf(x)
 
 
 def ks_distance(samples: Tensor, cdf) -> float:

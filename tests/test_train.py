@@ -29,6 +29,8 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "data.num_workers=0"]  # auto: 3, 1
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
+    if group == "data" and option == "gmm":  # unlabelled
+        overrides += ["conditioning=none"]
     if group == "data" and option == "webdataset":
         overrides += [f"data.train_urls={write_shards(tmp_path)}", "data.num_workers=0",
                       "data.image_size=8", "data.batch_size=4", "data.num_classes=2"]
