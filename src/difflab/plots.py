@@ -1,12 +1,22 @@
-"""Figures of evaluation results (matplotlib, the ``plot`` extra): drawn to PNG files, for docs and dashboards."""
+"""Figures of evaluation results, training curves and noise schedules (matplotlib, the ``plot`` extra): drawn to PNG
+files, for docs and dashboards."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import math
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difflab.extras import require
 from difflab.files import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from difflab.diffusion.schedules import NoiseSchedule
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -61,3 +71,227 @@ def plot_quality_cost(rows: Sequence[dict], path: str | Path, metric: str = "fid
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---- training curves, from a run's CSV logger ---------------------------------------------------------------------
+
+Series = dict[str, list[tuple[int, float]]]  # metric -> [(step, value), ...], sorted by step
+Run = str | Path | Mapping[str, Sequence[tuple[int, float]]]  # a run dir, its metrics.csv, or read_metrics' output
+_LOSS_BUCKET = re.compile(r"train/loss_t(\d+)")  # DiffusionModule's per-range-of-t training losses
+
+
+def metrics_csv(run_dir_or_csv: str | Path) -> Path:
+    """The CSV logger's file of a run directory (``<run dir>/csv/metrics.csv``); a file path is returned as is."""
+    path = Path(run_dir_or_csv)
+    return path / "csv" / "metrics.csv" if path.is_dir() else path
+
+
+def read_metrics(run_dir_or_csv: str | Path) -> Series:
+    """A run's logged metrics as ``{metric: [(step, value), ...]}`` sorted by step, blank cells and NaNs dropped, from
+    Lightning's CSVLogger format (a ``step`` column and one per metric, blank where a row did not log it, as each
+    ``log_metrics`` call writes its own row). A step written twice (a run resumed from an earlier checkpoint appends
+    to the same file) keeps its last value, the one the resumed run's curve continues from."""
+    path = metrics_csv(run_dir_or_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path} (expected a run directory with csv/metrics.csv)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        names = [name for name in reader.fieldnames or [] if name != "step"]
+        if "step" not in (reader.fieldnames or []):
+            raise ValueError(f"{path} has no 'step' column: not a Lightning CSVLogger metrics file")
+        by_step: dict[str, dict[int, float]] = {name: {} for name in names}
+        for row in reader:
+            if not row["step"]:
+                continue
+            step = int(float(row["step"]))
+            for name in names:
+                if row.get(name) and not math.isnan(value := float(row[name])):
+                    by_step[name][step] = value
+    return {name: sorted(values.items()) for name, values in by_step.items() if values}
+
+
+def metric_figure(runs: Run | Sequence[Run], metrics: str | Sequence[str], *, labels: Sequence[str] | None = None,
+                  title: str = "", log_y: bool = False) -> Figure:
+    """Each of ``metrics`` (a panel each) over training steps, a line per run (a sweep), shaded between
+    ``<metric>_low`` and ``<metric>_high`` where logged (FID's bootstrap interval); the Figure, for a notebook."""
+    runs = _load_runs(runs, labels)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    fig = _figure(4.8 * len(metrics), 3.6)
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
+        for label, series in runs:
+            steps, values = _columns(_values(series, metric, label))
+            (line,) = ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, label=label)
+            if f"{metric}_low" in series and f"{metric}_high" in series:
+                high = dict(series[f"{metric}_high"])
+                bounds = [(s, low, high[s]) for s, low in series[f"{metric}_low"] if s in high]
+                ax.fill_between([s for s, _, _ in bounds], [lo for _, lo, _ in bounds], [hi for _, _, hi in bounds],
+                                color=line.get_color(), alpha=0.2, linewidth=0,
+                                label="interval (_low, _high)" if len(runs) == 1 else None)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if len(runs) > 1 or ax.collections:
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metric(runs: Run | Sequence[Run], metrics: str | Sequence[str], path: str | Path, *,
+                labels: Sequence[str] | None = None, title: str = "", log_y: bool = False) -> Path:
+    """``metric_figure`` written to the PNG ``path``: a run's or a sweep's curves of ``train/loss``, ``val/fid_1k``,
+    ...; returns ``path``."""
+    return _save(metric_figure(runs, metrics, labels=labels, title=title, log_y=log_y), path)
+
+
+def loss_by_t_figure(runs: Run | Sequence[Run], *, window: int = 5, labels: Sequence[str] | None = None,
+                     title: str = "", log_y: bool = True) -> Figure:
+    """The per-bucket training losses ``train/loss_t<k>`` (k-th of equal ranges of t): (a) each bucket's loss over
+    the steps of the first run, coloured from low to high t, and (b) the loss against t at the start and at the end
+    of training (mean of each bucket's first and last ``window`` logged values), a colour per run (an ablation):
+    which noise levels the network learns, and which it has not yet."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+
+    runs = _load_runs(runs, labels)
+    fig = _figure(11, 4)
+    over_steps, by_t = fig.subplots(1, 2)
+    label, series = runs[0]
+    buckets = _loss_buckets(series, label)
+    count = max(buckets) + 1
+    cmap = matplotlib.colormaps["viridis"]
+    norm = BoundaryNorm([k / count for k in range(count + 1)], cmap.N)
+    for k, name in buckets.items():
+        steps, values = _columns(series[name])
+        over_steps.plot(steps, values, color=cmap(norm((k + 0.5) / count)), linewidth=1)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=over_steps, label="t / T (bucket)")
+    over_steps.set_title(f"(a) loss per range of t over training{f': {label}' if len(runs) > 1 else ''}")
+    over_steps.set_xlabel("optimizer step")
+    for i, (label, series) in enumerate(runs):
+        buckets = _loss_buckets(series, label)
+        centres = [(k + 0.5) / count for k in buckets]
+        start, end = [], []
+        for name in buckets.values():
+            values = [v for _, v in series[name]]
+            w = max(1, min(window, len(values) // 2))  # start and end never share a value
+            start.append(sum(values[:w]) / w)
+            end.append(sum(values[-w:]) / w)
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        by_t.plot(centres, start, color=f"C{i}", linestyle="--", marker="o", markersize=3, alpha=0.6,
+                  label=f"{prefix}start (first {window} logs)")
+        by_t.plot(centres, end, color=f"C{i}", marker="o", markersize=3, label=f"{prefix}end (last {window} logs)")
+    by_t.set_title("(b) loss by t, start vs end of training")
+    by_t.set_xlabel("t / T (bucket centre)")
+    by_t.set_xlim(0, 1)
+    by_t.legend(fontsize="small")
+    for ax in (over_steps, by_t):
+        ax.set_ylabel("training loss" + (" (log scale)" if log_y else ""))
+        if log_y:  # the loss spans decades over t (an eps-prediction's is tiny near t = T)
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_loss_by_t(runs: Run | Sequence[Run], path: str | Path, *, window: int = 5,
+                   labels: Sequence[str] | None = None, title: str = "", log_y: bool = True) -> Path:
+    """``loss_by_t_figure`` written to the PNG ``path``; returns ``path``."""
+    return _save(loss_by_t_figure(runs, window=window, labels=labels, title=title, log_y=log_y), path)
+
+
+# ---- noise schedules ----------------------------------------------------------------------------------------------
+
+def schedules_figure(schedules: Sequence[str | NoiseSchedule], *, num_timesteps: int = 1000) -> Figure:
+    """alpha_bar, SNR (log scale) and log-SNR against t for each schedule (a name in conf/schedule, or a
+    ``NoiseSchedule``): how each spreads the noise levels over the steps, the log-SNR being what losses and
+    samplers weigh by."""
+    import torch
+
+    from difflab.diffusion.schedules import NoiseSchedule
+
+    fig = _figure(13, 3.8)
+    alpha_bar_ax, snr_ax, log_snr_ax = fig.subplots(1, 3)
+    for entry in schedules:
+        schedule = NoiseSchedule.from_name(entry, num_timesteps) if isinstance(entry, str) else entry
+        label = schedule.name + (" (zero terminal SNR)" if schedule.zero_terminal_snr else "")
+        t = range(schedule.num_timesteps)
+        alpha_bar_ax.plot(t, schedule.alphas_cumprod.numpy(), label=label)
+        snr_ax.plot(t, schedule.snr.numpy(), label=label)
+        log_snr_ax.plot(t, torch.log(schedule.snr).numpy(), label=label)  # -inf at a zero terminal SNR: not drawn
+    snr_ax.set_yscale("log", nonpositive="mask")
+    for ax, name in ((alpha_bar_ax, "alpha_bar"), (snr_ax, "SNR = alpha_bar / (1 - alpha_bar) (log scale)"),
+                     (log_snr_ax, "log-SNR")):
+        ax.set_title(name)
+        ax.set_xlabel("timestep t")
+        ax.grid(alpha=0.3, which="major")
+    alpha_bar_ax.legend(fontsize="small")
+    return fig
+
+
+def plot_schedules(schedules: Sequence[str | NoiseSchedule], path: str | Path, *, num_timesteps: int = 1000) -> Path:
+    """``schedules_figure`` written to the PNG ``path`` (``options("schedule")`` for every schedule); returns
+    ``path``."""
+    return _save(schedules_figure(schedules, num_timesteps=num_timesteps), path)
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float) -> Figure:
+    """An empty figure drawn by Agg, outside pyplot: nothing to close, and a notebook's backend is left alone."""
+    require("matplotlib", "plot", "difflab.plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a dashboard never shows half a PNG)."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    return path
+
+
+def _load_runs(runs: Run | Sequence[Run], labels: Sequence[str] | None) -> list[tuple[str, Series]]:
+    """(label, series) per run; a run is labelled by ``labels`` or else its directory's name."""
+    runs = [runs] if isinstance(runs, (str, Path, Mapping)) else list(runs)
+    if not runs:
+        raise ValueError("no runs to plot")
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    loaded = []
+    for i, run in enumerate(runs):
+        if isinstance(run, Mapping):
+            series, name = {key: list(values) for key, values in run.items()}, f"run {i}"
+        else:
+            csv_path = metrics_csv(run)
+            name = csv_path.parent.parent.name if csv_path.parent.name == "csv" else csv_path.stem
+            series = read_metrics(csv_path)
+        loaded.append((labels[i] if labels is not None else name, series))
+    return loaded
+
+
+def _values(series: Series, metric: str, label: str) -> list[tuple[int, float]]:
+    if metric not in series:
+        raise ValueError(f"{label} has no values of {metric!r}; logged: {', '.join(sorted(series)) or 'nothing'}")
+    return series[metric]
+
+
+def _loss_buckets(series: Series, label: str) -> dict[int, str]:
+    """``{k: "train/loss_t<k>"}`` for the buckets this run logged, by k."""
+    buckets = {int(m[1]): name for name in series if (m := _LOSS_BUCKET.fullmatch(name))}
+    if not buckets:
+        raise ValueError(f"{label} has no values of 'train/loss_t<k>' (DiffusionModule's loss per range of t); "
+                         f"logged: {', '.join(sorted(series)) or 'nothing'}")
+    return dict(sorted(buckets.items()))
+
+
+def _columns(points: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]]:
+    return [s for s, _ in points], [v for _, v in points]
