@@ -2,11 +2,12 @@
 
     pipe = difflab.load("outputs/.../checkpoints/last.ckpt")
     images = pipe(n=16, label=7, guidance_scale=3, seed=0)
+    run = difflab.train("data=digits", "network=tiny", "trainer.max_steps=300", run_dir="runs/a")   # as train.py
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load", "load_module"]
+__all__ = ["Pipeline", "TrainedRun", "compose", "load", "load_module", "train"]
 
 
 def __getattr__(name: str):
@@ -15,6 +16,10 @@ def __getattr__(name: str):
         from difflab import loading
 
         return getattr(loading, name)
+    if name in ("train", "compose", "TrainedRun"):
+        from difflab import training
+
+        return getattr(training, name)
     if name == "Pipeline":
         from difflab.pipeline import Pipeline
 
