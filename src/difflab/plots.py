@@ -143,7 +143,7 @@ def plot_metric(runs: Run | Sequence[Run], metrics: str | Sequence[str], path: s
                 labels: Sequence[str] | None = None, title: str = "", log_y: bool = False) -> Path:
     """``metric_figure`` written to the PNG ``path``: a run's or a sweep's curves of ``train/loss``, ``val/fid_1k``,
     ...; returns ``path``."""
-    return _save(metric_figure(runs, metrics, labels=labels, title=title, log_y=log_y), path)
+    return save_figure(metric_figure(runs, metrics, labels=labels, title=title, log_y=log_y), path)
 
 
 def loss_by_t_figure(runs: Run | Sequence[Run], *, window: int = 5, labels: Sequence[str] | None = None,
@@ -200,7 +200,7 @@ def loss_by_t_figure(runs: Run | Sequence[Run], *, window: int = 5, labels: Sequ
 def plot_loss_by_t(runs: Run | Sequence[Run], path: str | Path, *, window: int = 5,
                    labels: Sequence[str] | None = None, title: str = "", log_y: bool = True) -> Path:
     """``loss_by_t_figure`` written to the PNG ``path``; returns ``path``."""
-    return _save(loss_by_t_figure(runs, window=window, labels=labels, title=title, log_y=log_y), path)
+    return save_figure(loss_by_t_figure(runs, window=window, labels=labels, title=title, log_y=log_y), path)
 
 
 # ---- noise schedules ----------------------------------------------------------------------------------------------
@@ -235,7 +235,85 @@ def schedules_figure(schedules: Sequence[str | NoiseSchedule], *, num_timesteps:
 def plot_schedules(schedules: Sequence[str | NoiseSchedule], path: str | Path, *, num_timesteps: int = 1000) -> Path:
     """``schedules_figure`` written to the PNG ``path`` (``options("schedule")`` for every schedule); returns
     ``path``."""
-    return _save(schedules_figure(schedules, num_timesteps=num_timesteps), path)
+    return save_figure(schedules_figure(schedules, num_timesteps=num_timesteps), path)
+
+
+# ---- probes (difflab.probe) ----------------------------------------------------------------------------------------
+
+def t_response_figure(result, *, title: str = "") -> Figure:
+    """Left: each block's relative change of activations against the timestep the network is told (input fixed at
+    the reference t), as a heat-map (blocks top to bottom in forward order); right: each block's spread over t."""
+    import numpy as np
+
+    fig = _figure(12, 0.28 * len(result.blocks) + 1.8)
+    heat_ax, bar_ax = fig.subplots(1, 2, width_ratios=(3, 1), sharey=True)
+    image = heat_ax.imshow(result.change.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    heat_ax.set_xticks(range(len(result.timesteps)), [str(t) for t in result.timesteps], fontsize="small")
+    heat_ax.set_yticks(range(len(result.blocks)), result.blocks, fontsize="small")
+    heat_ax.set_xlabel(f"timestep told to the network (input noised to t = {result.reference_t})")
+    heat_ax.set_title("||h(t) - h(t_ref)|| / ||h(t_ref)||")
+    fig.colorbar(image, ax=heat_ax, fraction=0.04)
+    bar_ax.barh(np.arange(len(result.blocks)), result.spread.numpy(), color="tab:blue")
+    bar_ax.set_xlabel("spread over t")
+    bar_ax.grid(alpha=0.3, axis="x")
+    setting = ", ".join(s for s in (result.time_embedding, result.time_injection) if s)
+    fig.suptitle(title or f"response to t ({setting})" if setting or title else "response to t")
+    return fig
+
+
+def guidance_gap_figure(results, *, labels: Sequence[str] | None = None, title: str = "") -> Figure:
+    """The guidance gap ||eps(x_t, c) - eps(x_t, null)|| (root-mean-square) against t, one line per result."""
+    results = list(results) if isinstance(results, (list, tuple)) else [results]
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    for i, result in enumerate(results):
+        ax.plot(result.timesteps, result.gap.numpy(), marker="o", label=labels[i] if labels else None)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("rms of eps(x_t, c) - eps(x_t, null)")
+    ax.set_title(title or "guidance gap")
+    ax.grid(alpha=0.3)
+    if labels:
+        ax.legend()
+    return fig
+
+
+def cross_attention_figure(result, *, title: str = "") -> Figure:
+    """One row per prompt: the image probed, then the attention map of each of its tokens."""
+    columns = 1 + max(len(tokens) for tokens in result.tokens)
+    fig = _figure(1.5 * columns, 1.7 * len(result.prompts))
+    axes = fig.subplots(len(result.prompts), columns, squeeze=False)
+    for row, (image, tokens, maps) in enumerate(zip(result.images, result.tokens, result.maps, strict=True)):
+        shown = image.permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[row, 0].imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
+        axes[row, 0].set_title(result.prompts[row], fontsize="small")
+        for col in range(1, columns):
+            ax = axes[row, col]
+            if col <= len(tokens):
+                ax.imshow(maps[col - 1].numpy(), cmap="inferno", vmin=0, vmax=float(maps.max()))
+                ax.set_title(tokens[col - 1], fontsize="small")
+        for ax in axes[row]:
+            ax.set_axis_off()
+    fig.suptitle(title or "cross-attention per token (averaged over heads, layers and t)")
+    return fig
+
+
+def bayes_gap_figure(result, *, title: str = "") -> Figure:
+    """Per range of t: the network's loss and the Bayes-optimal loss (log scale), and the excess between them."""
+    fig = _figure(11, 3.8)
+    loss_ax, excess_ax = fig.subplots(1, 2)
+    centres = [(result.edges[k] + result.edges[k + 1] - 1) / 2 for k in range(len(result.loss))]
+    loss_ax.plot(centres, result.loss.numpy(), marker="o", label="network")
+    loss_ax.plot(centres, result.bayes.numpy(), marker="o", linestyle="--", label="Bayes-optimal")
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel(f"mean squared error ({result.prediction})")
+    loss_ax.legend()
+    excess_ax.bar(centres, result.excess.numpy(), width=0.8 * (result.edges[1] - result.edges[0]))
+    excess_ax.set_ylabel("excess over the Bayes loss")
+    for ax in (loss_ax, excess_ax):
+        ax.set_xlabel("timestep t")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "loss against the Bayes-optimal loss (data=gmm)")
+    return fig
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -251,12 +329,23 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` atomically (a dashboard never shows half a PNG)."""
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` (any of this module's figures) to the PNG ``path`` atomically (a dashboard never shows half a
+    PNG); returns ``path``."""
     path = Path(path)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=120)
     return path
+
+
+def figure_pixels(fig: Figure):
+    """The figure drawn as a (3, H, W) float tensor in [0, 1], for loggers that take images."""
+    import numpy as np
+    import torch
+
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
 
 
 def _load_runs(runs: Run | Sequence[Run], labels: Sequence[str] | None) -> list[tuple[str, Series]]:

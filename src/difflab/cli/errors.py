@@ -115,6 +115,9 @@ def _reraise(err: BaseException) -> None:
 def fail(message: str, status: int = EXIT_USAGE) -> None:
     """Print the one line to stderr and exit with ``status`` (SystemExit passes through Hydra)."""
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "difflab"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if program == "__main__.py" and spec is not None:  # python -m difflab.probe: the package, not its __main__ file
+        program = f"python -m {spec.name.removesuffix('.__main__')}"
     sys.stderr.write(f"{program}: error: {one_line(message)}\n")
     sys.stderr.flush()
     raise SystemExit(status)

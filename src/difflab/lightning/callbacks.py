@@ -68,14 +68,19 @@ def save_and_log_grid(trainer: L.Trainer, images: torch.Tensor, dirname: str, ke
     path = Path(trainer.default_root_dir) / dirname / f"step_{trainer.global_step:06d}.png"
     with atomic_write(path) as tmp:  # a viewer never sees a half-written grid
         save_image(grid, tmp)
+    log_image(trainer, key, grid)
+    return path
+
+
+def log_image(trainer: L.Trainer, key: str, image: torch.Tensor) -> None:
+    """Hand an image (C, H, W) in [0, 1] to the loggers that take images (W&B, TensorBoard) at the current step."""
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):  # W&B
-            logger.log_image(key, [grid], step=trainer.global_step)
+            logger.log_image(key, [image], step=trainer.global_step)
             continue
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_image"):  # TensorBoard
-            experiment.add_image(key, grid, trainer.global_step)
-    return path
+            experiment.add_image(key, image, trainer.global_step)
 
 
 class ProgressBar(RichProgressBar):

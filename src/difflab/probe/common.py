@@ -1,0 +1,52 @@
+"""What the probes share: a grid of timesteps, noised inputs with fixed noise, and a batch of real images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from difflab.pipeline import Pipeline
+
+
+def timestep_grid(num_timesteps: int, count: int = 10) -> list[int]:
+    """``count`` timesteps spread evenly over [0, num_timesteps - 1], both ends included."""
+    return sorted({round(i * (num_timesteps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def noised(pipe: Pipeline, x0: Tensor, t: int, eps: Tensor) -> Tensor:
+    """x_t = alpha_t x0 + sigma_t eps under the pipeline's schedule, for one timestep t."""
+    alpha, sigma = pipe.schedule.alpha_sigma(torch.full((len(x0),), t, device=x0.device), x0)
+    return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * eps
+
+
+def fixed_noise(shape: Sequence[int], seed: int, device: torch.device | str) -> Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def diffusion_space(pipe: Pipeline, batch: dict) -> Tensor:
+    """The batch's images (in [-1, 1], as the datamodule gives them) in the pipeline's diffusion space."""
+    with torch.no_grad():
+        return pipe.encode(batch["image"].to(pipe.device).float())
+
+
+def real_batch(source, n: int = 16, seed: int = 0, split: str = "val") -> dict:
+    """n items of a run's data, collated as training batches are (``image`` in [-1, 1], ``label``, ``caption``).
+    ``source``: a data config, a run config (``module.run_config``) or a train.py checkpoint's path."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from torch.utils.data import default_collate
+
+    from difflab.data.layout import resolve_folder_config
+
+    if isinstance(source, str) or hasattr(source, "is_file"):
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        source = checkpoint["difflab_config"]
+    config = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(source)))
+    config = config.data if "data" in config else config
+    resolve_folder_config(config)
+    datamodule = instantiate(config)
+    dataset = datamodule.val_set if split == "val" and len(datamodule.val_set) else datamodule.train_set
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return default_collate([dataset[i] for i in order])
