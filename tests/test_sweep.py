@@ -94,6 +94,48 @@ def test_summary_md_shows_figures_with_their_intervals(tmp_path):
     assert "| 1 | cosine | 10 | 1.5 [1.25, 2] | 0.1 | done |" in table
 
 
+def test_an_ablation_gets_a_loss_by_t_plot_relative_to_its_median(tmp_path):
+    """Three runs whose losses are 1x, 2x and 4x a common curve: panel (b) shows 0.5, 1 and 2 in every bucket."""
+    points = [("sinusoidal", "add", 1.0), ("learned", "add", 2.0), ("sinusoidal", "film", 4.0)]
+    for num, (embedding, injection, factor) in enumerate(points):
+        run_dir = tmp_path / str(num)
+        (run_dir / "csv").mkdir(parents=True)
+        with open(run_dir / "csv" / "metrics.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", *[f"train/loss_t{k}" for k in range(4)]])
+            for step in range(10, 210, 10):  # the end of training (last 10 logs) sits at the curve
+                scale = factor * (1 if step > 100 else 3)
+                writer.writerow([step, *[scale * 10.0 ** -k for k in range(4)]])
+        write_final_metrics(run_dir, {f"train/loss_t{k}": factor * 10.0 ** -k for k in range(4)}, 200,
+                            [f"network.time_embedding={embedding}", f"network.time_injection={injection}"])
+    summarize(tmp_path)
+    assert (tmp_path / "loss_by_t.png").read_bytes()[:4] == b"\x89PNG"
+
+    from difflab.plots import sweep_loss_by_t_figure
+
+    figure = sweep_loss_by_t_figure([tmp_path / str(i) for i in range(3)], ["a", "b", "c"], colors=[0, 0, 1],
+                                    linestyles=[0, 1, 0])
+    absolute, relative = figure.axes[:2]
+    for line, (_, _, factor) in zip(absolute.lines, points, strict=True):
+        assert line.get_xdata().tolist() == [0.125, 0.375, 0.625, 0.875]
+        assert line.get_ydata() == pytest.approx([factor * 10.0 ** -k for k in range(4)])
+    ratios = [line.get_ydata() for line in relative.lines if line.get_label() in "abc"]
+    assert [list(r) for r in ratios] == [pytest.approx([f / 2.0] * 4) for f in (1.0, 2.0, 4.0)]
+    assert [line.get_color() for line in absolute.lines] == ["C0", "C0", "C1"]
+    assert [line.get_linestyle() for line in absolute.lines] == ["-", "--", "-"]
+
+
+def test_the_ablation_preset_sweeps_every_embedding_and_injection():
+    from difflab.nn import TIME_EMBEDDINGS, TIME_INJECTIONS
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ablate_time"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params["network.time_embedding"].split(",")) == set(TIME_EMBEDDINGS)
+    assert set(params["network.time_injection"].split(",")) == set(TIME_INJECTIONS)
+    assert cfg.trainer.max_steps == 600 and cfg.trainer.max_time is None
+
+
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
 def test_launcher_configs_compose_and_instantiate_sized_from_the_trainer(launcher):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -203,6 +203,51 @@ def plot_loss_by_t(runs: Run | Sequence[Run], path: str | Path, *, window: int =
     return save_figure(loss_by_t_figure(runs, window=window, labels=labels, title=title, log_y=log_y), path)
 
 
+def final_loss_by_t(series: Series, label: str, window: int = 10) -> tuple[list[float], list[float]]:
+    """(bucket centres as t / T, the mean of each bucket's last ``window`` logged losses) of one run."""
+    buckets = _loss_buckets(series, label)
+    count = max(buckets) + 1
+    ends = []
+    for name in buckets.values():
+        values = [v for _, v in series[name]][-window:]
+        ends.append(sum(values) / len(values))
+    return [(k + 0.5) / count for k in buckets], ends
+
+
+def sweep_loss_by_t_figure(runs: Sequence[Run], labels: Sequence[str], *, colors: Sequence[int] | None = None,
+                           linestyles: Sequence[int] | None = None, window: int = 10, title: str = "") -> Figure:
+    """An ablation's runs side by side: (a) each run's loss by t at the end of training (last ``window`` logs per
+    bucket) and (b) its ratio to the median over the runs in each bucket, which shows the differences that the loss's
+    decades over t hide. ``colors`` / ``linestyles``: an index per run (e.g. by injection and by embedding)."""
+    import torch
+
+    loaded = _load_runs(runs, labels)
+    curves = [final_loss_by_t(series, label, window) for label, series in loaded]
+    median = torch.tensor([ends for _, ends in curves]).median(dim=0).values
+    fig = _figure(12, 4.5)
+    absolute, relative = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    for i, ((label, _), (centres, ends)) in enumerate(zip(loaded, curves, strict=True)):
+        style = dict(color=f"C{colors[i] if colors else i}", marker="o", markersize=3,
+                     linestyle=styles[(linestyles[i] if linestyles else 0) % len(styles)], label=label)
+        absolute.plot(centres, ends, **style)
+        relative.plot(centres, (torch.tensor(ends) / median).tolist(), **style)
+    absolute.set_yscale("log")
+    absolute.set_ylabel(f"training loss, last {window} logs (log scale)")
+    absolute.set_title("(a) loss by t at the end of training")
+    relative.axhline(1.0, color="grey", linewidth=0.8)
+    relative.set_ylabel("loss / median over the runs")
+    relative.set_title("(b) relative to the sweep's median per range of t")
+    for ax in (absolute, relative):
+        ax.set_xlabel("t / T (bucket centre)")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3, which="both")
+    relative.legend(fontsize="x-small", ncol=2)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 # ---- noise schedules ----------------------------------------------------------------------------------------------
 
 def schedules_figure(schedules: Sequence[str | NoiseSchedule], *, num_timesteps: int = 1000) -> Figure:

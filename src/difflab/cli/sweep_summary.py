@@ -81,7 +81,31 @@ def summarize(sweep_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
         writer.writeheader()
         writer.writerows(rows)
     write_text(sweep_dir / "summary.md", markdown_table(headline(columns), rows))
+    finished = [(run, overrides) for run, overrides, _, status in records if status == "done"]
+    if any(c.startswith("train/loss_t") for c in columns) and len(finished) > 1:
+        plot_sweep_loss_by_t(sweep_dir, finished, swept)
     return columns, rows
+
+
+def plot_sweep_loss_by_t(sweep_dir: Path, runs: list[tuple[Path, dict]], swept: list[str]) -> Path | None:
+    """``sweep_dir/loss_by_t.png``: each run's loss by t at the end of training, coloured by the last swept key's
+    value and styled by the first's (an ablation such as experiment=ablate_time); skipped without matplotlib."""
+    try:
+        from difflab.plots import save_figure, sweep_loss_by_t_figure
+
+        def index(key: str) -> list[int]:
+            values = list(dict.fromkeys(overrides.get(key, "") for _, overrides in runs))
+            return [values.index(overrides.get(key, "")) for _, overrides in runs]
+
+        labels = [" / ".join(overrides.get(k, "") for k in swept) or run.name for run, overrides in runs]
+        figure = sweep_loss_by_t_figure([run for run, _ in runs], labels,
+                                        colors=index(swept[-1]) if swept else None,
+                                        linestyles=index(swept[0]) if len(swept) > 1 else None,
+                                        title=f"{sweep_dir.name}: {' x '.join(swept)}")
+        return save_figure(figure, sweep_dir / "loss_by_t.png")
+    except (ImportError, ValueError, FileNotFoundError) as err:  # no plot extra, or runs without a CSV log
+        log.warning(f"no loss-by-t plot: {err}")
+        return None
 
 
 def headline(columns: list[str]) -> list[str]:
@@ -129,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as err:
         sys.exit(str(err))
     print(markdown_table(headline(columns), rows), end="")
-    print(f"written: {Path(argv[0]) / 'summary.csv'}, {Path(argv[0]) / 'summary.md'}")
+    written = [Path(argv[0]) / name for name in ("summary.csv", "summary.md", "loss_by_t.png")]
+    print("written: " + ", ".join(str(p) for p in written if p.is_file()))
 
 
 if __name__ == "__main__":
