@@ -56,6 +56,14 @@ def test_default_sampler_is_the_trained_one(checkpoint, tmp_path):
     assert settings["sampler"]["_target_"].endswith("DDIMSampler") and settings["sampler"]["num_steps"] == 4
 
 
+def test_sigma_grid_from_the_command_line(checkpoint):
+    path, _ = checkpoint
+    out = sample(sample_cfg(f"ckpt={path}", "n=2", "sampler=heun", "sampler.sigma_schedule=karras", "steps=3",
+                            "progress=false"))
+    assert out.name == "heun_karras_3steps_seed0" and len(list(out.glob("*_seed*.png"))) == 2
+    assert json.loads((out / "settings.json").read_text())["sampler"]["sigma_schedule"] == "karras"
+
+
 def test_missing_checkpoint_names_the_path(tmp_path):
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(FileNotFoundError, match=str(missing)):

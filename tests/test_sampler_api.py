@@ -8,7 +8,7 @@ import torch
 from analytic import MixtureDenoiser
 from difflab.diffusion import Denoiser, NoiseSchedule, available_samplers, get_sampler
 
-FAST = {"ddpm": 20, "ddim": 10, "dpmpp_2m": 10, "euler": 10, "heun": 5}
+FAST = {"ddpm": 20, "ddim": 10, "dpmpp_2m": 10, "dpmpp_2m_sde": 10, "euler": 10, "heun": 5}
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_ddpm_large_variance_adds_more_noise(schedule):
 
 
 def test_errors_name_the_problem(schedule):
-    with pytest.raises(ValueError, match="valid: ddim, ddpm, dpmpp_2m, euler"):
+    with pytest.raises(ValueError, match="valid: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler"):
         get_sampler("dpm")
     with pytest.raises(ValueError, match="valid: leading, trailing, linspace"):
         get_sampler("ddim", timestep_spacing="uniform").grid(schedule)

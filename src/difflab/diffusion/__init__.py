@@ -21,6 +21,8 @@ from difflab.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverPlusPlus2MSampler,
+    DPMSolverPlusPlus2MSDESampler,
+    EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
     Sampler,
@@ -32,8 +34,9 @@ from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 
 __all__ = [
     "SPACINGS",
-    "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoiser", "DiffusionLoss", "EpsilonPrediction",
-    "EulerSampler", "Grid", "HeunSampler", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
-    "Prediction", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
-    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
+    "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler", "DPMSolverPlusPlus2MSampler", "Denoiser",
+    "DiffusionLoss", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler", "Grid", "HeunSampler",
+    "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction", "SamplePrediction", "Sampler",
+    "UniformTimesteps", "UniformWeighting", "VPrediction", "available_samplers", "get_prediction", "get_sampler",
+    "spaced_timesteps",
 ]

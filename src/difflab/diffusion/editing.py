@@ -66,5 +66,5 @@ def repaint(sampler: Sampler, denoiser: Denoiser, x_T: Tensor, known: Tensor, ma
                 x = ratio**0.5 * x_prev + (1 - ratio) ** 0.5 * randn_like(x, generator)
         x = x_prev
         if callback is not None:
-            callback({"i": i, "t": int(grid.timesteps[i]), "x": x, "denoised": x0})
+            callback({"i": i, "t": grid.t_value(i), "x": x, "denoised": x0})
     return x.to(x_T.dtype)

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from difflab.diffusion import parameterization as param
 
+MIN_ALPHA_BAR = 2.0**-24  # floor of alpha_bar where sigma must stay finite (diffusers' Karras-style schedulers)
+
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear schedule (Ho et al. 2020, Sec. 4): betas evenly spaced from beta_start to beta_end."""
@@ -124,13 +126,43 @@ class NoiseSchedule:
         """Signal-to-noise ratio abar / (1 - abar) per timestep."""
         return self.alphas_cumprod / (1 - self.alphas_cumprod)
 
+    @property
+    def sigmas(self) -> Tensor:
+        """The variance-exploding sigma = sqrt((1 - abar) / abar) per timestep (Karras et al. 2022, Eq. 4), alpha_bar
+        floored at 2**-24 so that a zero-terminal-SNR schedule has a finite sigma_max (as diffusers floors it)."""
+        abar = self.alphas_cumprod.clamp(min=MIN_ALPHA_BAR)
+        return ((1 - abar) / abar).sqrt()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """The fractional timestep of each sigma: linear in log sigma between the two timesteps around it, clamped
+        to [0, T - 1] (k-diffusion's ``DiscreteSchedule.sigma_to_t``, diffusers' ``_sigma_to_t``); float64."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        table = self.sigmas.log()
+        low = torch.searchsorted(table, log_sigma, right=True).sub(1).clamp(0, self.num_timesteps - 2)
+        w = ((log_sigma - table[low]) / (table[low + 1] - table[low])).clamp(0, 1)
+        return low + w
+
+    def t_to_abar(self, t: Tensor) -> Tensor:
+        """alpha_bar at fractional timesteps: log sigma interpolated linearly between the neighbouring timesteps
+        (the inverse of ``sigma_to_t``; k-diffusion's ``t_to_sigma``); float64 on t's device."""
+        t = t.to(torch.float64)
+        log_sigmas = self.sigmas.log().to(t.device)
+        low = t.floor().long().clamp(0, self.num_timesteps - 1)
+        high = t.ceil().long().clamp(0, self.num_timesteps - 1)
+        sigma = ((1 - t.frac()) * log_sigmas[low] + t.frac() * log_sigmas[high]).exp()
+        return 1 / (1 + sigma**2)
+
     def __repr__(self) -> str:
         return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps}, " \
                f"zero_terminal_snr={self.zero_terminal_snr})"
 
     def _abar(self, t: Tensor) -> Tensor:
-        """alpha_bar at integer timesteps t, gathered on t's device (float64; float32 on MPS)."""
+        """alpha_bar at timesteps t, gathered on t's device (float64; float32 on MPS); fractional t (a sigma grid's)
+        is interpolated by ``t_to_abar``."""
         device = t.device
+        if t.is_floating_point() and not bool((t == t.round()).all()):
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            return self.t_to_abar(t.cpu()).to(device=device, dtype=dtype)
         table = self._device_tables.get(device)
         if table is None:
             dtype = torch.float32 if device.type == "mps" else torch.float64

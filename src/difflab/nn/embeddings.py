@@ -33,7 +33,8 @@ class SinusoidalTimeEmbedding(nn.Module):
 
 
 class LearnedTimeEmbedding(nn.Module):
-    """A trainable table with one vector per training timestep."""
+    """A trainable table with one vector per training timestep; a fractional t (a sampler's sigma grid falls
+    between timesteps) gets the linear interpolation of the two rows around it."""
 
     def __init__(self, embed_dim: int, num_timesteps: int = 1000, base_dim: int | None = None):
         super().__init__()
@@ -42,7 +43,12 @@ class LearnedTimeEmbedding(nn.Module):
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.table(t.long())
+        if not t.is_floating_point():
+            return self.table(t)
+        low = t.floor().long().clamp(0, self.table.num_embeddings - 1)
+        high = (low + 1).clamp(max=self.table.num_embeddings - 1)
+        w = (t - low).clamp(0, 1).to(self.table.weight.dtype)[:, None]
+        return (1 - w) * self.table(low) + w * self.table(high)
 
 
 class SinusoidalMLPTimeEmbedding(nn.Module):

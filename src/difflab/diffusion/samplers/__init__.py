@@ -11,8 +11,9 @@ from __future__ import annotations
 from difflab.diffusion.samplers.base import Callback, Denoise, Sampler
 from difflab.diffusion.samplers.ddim import DDIMSampler, require_invertible
 from difflab.diffusion.samplers.ddpm import DDPMSampler
-from difflab.diffusion.samplers.dpm_solver import DPMSolverPlusPlus2MSampler
-from difflab.diffusion.samplers.karras import EulerSampler, HeunSampler, KarrasSampler
+from difflab.diffusion.samplers.dpm_solver import DPMSolverPlusPlus2MSampler, DPMSolverPlusPlus2MSDESampler
+from difflab.diffusion.samplers.euler_ancestral import EulerAncestralSampler
+from difflab.diffusion.samplers.karras import ChurnSampler, EulerSampler, HeunSampler, KarrasSampler
 
 
 def available_samplers() -> list[str]:
@@ -29,5 +30,6 @@ def get_sampler(name: str, **overrides) -> Sampler:
     return build("sampler", name, **overrides)
 
 
-__all__ = ["Callback", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSampler", "Denoise", "EulerSampler",
-           "HeunSampler", "KarrasSampler", "Sampler", "available_samplers", "get_sampler", "require_invertible"]
+__all__ = ["Callback", "ChurnSampler", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler",
+           "DPMSolverPlusPlus2MSampler", "Denoise", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
+           "KarrasSampler", "Sampler", "available_samplers", "get_sampler", "require_invertible"]

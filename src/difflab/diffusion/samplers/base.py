@@ -18,11 +18,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difflab.diffusion.denoiser import Denoiser
-from difflab.diffusion.grid import Grid
+from difflab.diffusion.grid import Grid, sigma_grid
 from difflab.diffusion.noise import Generators
 from difflab.diffusion.schedules import NoiseSchedule
 
-Denoise = Callable[[Tensor, int], tuple[Tensor, Tensor]]  # (x at grid point i, i) -> (x0_hat, eps_hat)
+Denoise = Callable[..., tuple[Tensor, Tensor]]  # (x at grid point i, i[, sigma=]) -> (x0_hat, eps_hat)
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -41,15 +41,24 @@ class Sampler:
         steps_offset: int = 0,  # added to 'leading' timesteps (Stable Diffusion uses 1)
         clip_sample: bool = False,  # clamp the x0 estimate to +-clip_sample_range at every step
         clip_sample_range: float = 1.0,
+        sigma_schedule: str | None = None,  # karras | exponential: a grid of sigmas instead of spaced timesteps
+        rho: float = 7.0,  # the Karras grid's rho (Karras et al. 2022, Eq. 5)
+        sigma_min: float | None = None,  # the sigma grid's ends; None: the schedule's sigma at t = 0 and t = T - 1
+        sigma_max: float | None = None,
     ):
         self.num_steps = num_steps
         self.timestep_spacing = timestep_spacing or self.default_spacing
         self.steps_offset = steps_offset
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
+        if sigma_schedule is not None:
+            sigma_grid(sigma_schedule, 2, 1.0, 2.0)  # a wrong name fails here, at instantiation, not at sampling
+        self.sigma_schedule, self.rho, self.sigma_min, self.sigma_max = sigma_schedule, rho, sigma_min, sigma_max
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_steps={self.num_steps}, timestep_spacing={self.timestep_spacing!r})"
+        spacing = (f"sigma_schedule={self.sigma_schedule!r}" if self.sigma_schedule
+                   else f"timestep_spacing={self.timestep_spacing!r}")
+        return f"{type(self).__name__}(num_steps={self.num_steps}, {spacing})"
 
     def with_steps(self, num_steps: int) -> Sampler:
         """This sampler with another number of steps."""
@@ -58,14 +67,25 @@ class Sampler:
         return sampler
 
     def grid(self, schedule: NoiseSchedule) -> Grid:
+        """The sigma grid of ``sigma_schedule`` if set, else ``num_steps`` spaced training timesteps."""
+        if self.sigma_schedule is not None:
+            return Grid.sigma_schedule(schedule, self.sigma_schedule, self.num_steps, self.sigma_min,
+                                       self.sigma_max, self.rho)
         return Grid.spaced(schedule, self.num_steps, self.timestep_spacing, self.steps_offset, self.min_alpha_bar)
 
     def bind(self, denoiser: Denoiser, grid: Grid, model_dtype: torch.dtype) -> Denoise:
-        """``denoise(x, i)`` -> (x0_hat, eps_hat) at grid point i. With ``clip_sample`` the x0 estimate is clamped
+        """``denoise(x, i)`` -> (x0_hat, eps_hat) at grid point i, or with ``sigma=`` at that noise level off the
+        grid (Karras et al.'s churn), x then being the VP x_t there. With ``clip_sample`` the x0 estimate is clamped
         and eps_hat is left as the network gave it, as diffusers does (``use_clipped_model_output=False``)."""
 
-        def denoise(x: Tensor, i: int) -> tuple[Tensor, Tensor]:
-            x0, eps = denoiser(x, grid.t(i, x), grid.alphas_cumprod[i], model_dtype=model_dtype)
+        def denoise(x: Tensor, i: int, sigma: float | None = None) -> tuple[Tensor, Tensor]:
+            if sigma is None:
+                t, abar = grid.t(i, x), grid.alphas_cumprod[i]
+            else:
+                dtype = torch.float32 if x.device.type == "mps" else torch.float64
+                t = denoiser.schedule.sigma_to_t(torch.tensor([sigma], dtype=torch.float64))
+                t, abar = t.to(x.device, dtype).expand(x.shape[0]), 1 / (1 + sigma**2)
+            x0, eps = denoiser(x, t, abar, model_dtype=model_dtype)
             if self.clip_sample:
                 x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             return x0, eps
@@ -93,5 +113,5 @@ class Sampler:
         for i in tqdm(range(len(grid)), desc=self.name, disable=not progress, leave=False):
             x, x0 = self.step(denoise, x, grid, i, generator=generator, memory=memory)
             if callback is not None:
-                callback({"i": i, "t": int(grid.timesteps[i]), "x": x, "denoised": x0})
+                callback({"i": i, "t": grid.t_value(i), "x": x, "denoised": x0})
         return x.to(x_T.dtype)

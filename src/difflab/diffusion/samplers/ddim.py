@@ -59,7 +59,7 @@ class DDIMSampler(Sampler):
                 x_t = abar_t**0.5 * x0_hat + (1 - abar_t) ** 0.5 * eps
             x = x_t
             if callback is not None:
-                callback({"i": step, "t": int(grid.timesteps[i]), "x": x, "denoised": x0_hat})
+                callback({"i": step, "t": grid.t_value(i), "x": x, "denoised": x0_hat})
         return x.to(x0.dtype)
 
 

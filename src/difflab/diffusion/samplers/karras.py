@@ -3,7 +3,8 @@
 Karras et al. 2022, Eq. 4 with s(t) = 1: in x_ve = x_t / alpha, dx_ve / dsigma = (x_ve - x0_hat) / sigma,
 sigma = sqrt((1 - abar) / abar). The steps take and return the variance-preserving x_t like every sampler
 (x_ve = x_t / alpha at each end), so they run inside any loop. alpha_bar is floored at 2**-24 so that a
-zero-terminal-SNR grid has a finite sigma_max (as diffusers does).
+zero-terminal-SNR grid has a finite sigma_max (as diffusers does). Both take Algorithm 2's churn: before the
+step, noise raises sigma_i to sigma_hat = (1 + gamma) sigma_i, and the step starts from there.
 """
 
 from __future__ import annotations
@@ -11,27 +12,54 @@ from __future__ import annotations
 from torch import Tensor
 
 from difflab.diffusion.grid import Grid
+from difflab.diffusion.noise import randn_like
 from difflab.diffusion.samplers.base import Denoise, Sampler
+from difflab.diffusion.schedules import MIN_ALPHA_BAR
 
 
 class KarrasSampler(Sampler):
     """Base of the samplers that step in sigma."""
 
     default_spacing = "linspace"  # diffusers' Euler/Heun default
-    min_alpha_bar = 2.0**-24
+    min_alpha_bar = MIN_ALPHA_BAR
 
     @staticmethod
-    def derivative(denoise: Denoise, x_ve: Tensor, grid: Grid, i: int) -> tuple[Tensor, Tensor]:
-        """(dx_ve/dsigma, x0_hat) at grid point i; the network sees the VP-scaled x_t = alpha x_ve."""
-        x0, _ = denoise(x_ve * grid.alphas_cumprod[i] ** 0.5, i)
-        return (x_ve - x0) / grid.sigmas[i], x0
+    def derivative(denoise: Denoise, x_ve: Tensor, grid: Grid, i: int,
+                   sigma: float | None = None) -> tuple[Tensor, Tensor]:
+        """(dx_ve/dsigma, x0_hat) at grid point i, or at ``sigma`` off the grid; the network sees the VP-scaled
+        x_t = x_ve / sqrt(1 + sigma^2)."""
+        if sigma is None:
+            x0, _ = denoise(x_ve * grid.alphas_cumprod[i] ** 0.5, i)
+            return (x_ve - x0) / grid.sigmas[i], x0
+        x0, _ = denoise(x_ve / (1 + sigma**2) ** 0.5, i, sigma=sigma)
+        return (x_ve - x0) / sigma, x0
 
 
-class EulerSampler(KarrasSampler):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 with a first-order step).
+class ChurnSampler(KarrasSampler):
+    """Euler or Heun with Karras et al. 2022's churn (Algorithm 2): gamma = min(s_churn / N, sqrt(2) - 1) for
+    s_tmin <= sigma_i <= s_tmax, else 0; s_churn = 0 (the default) is Algorithm 1's deterministic sampler."""
 
-    With exact arithmetic and no clipping this is DDIM with eta = 0 on the same grid (Karras et al. 2022,
-    Sec. 3 and Appendix B).
+    def __init__(self, num_steps: int, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                 s_noise: float = 1.0, **kwargs):
+        super().__init__(num_steps, **kwargs)
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+
+    def churn(self, x_ve: Tensor, grid: Grid, i: int, generator) -> tuple[Tensor, float | None]:
+        """(x_ve raised to sigma_hat, sigma_hat), or (x_ve, None) where gamma = 0 and the step starts on the grid."""
+        sigma = grid.sigmas[i]
+        gamma = min(self.s_churn / len(grid), 2**0.5 - 1) if self.s_tmin <= sigma <= self.s_tmax else 0.0
+        if gamma <= 0:
+            return x_ve, None
+        sigma_hat = sigma * (gamma + 1)
+        noise = randn_like(x_ve, generator) * self.s_noise
+        return x_ve + noise * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
+
+
+class EulerSampler(ChurnSampler):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with a first-order step).
+
+    With exact arithmetic, no churn and no clipping this is DDIM with eta = 0 on the same grid (Karras et al.
+    2022, Sec. 3 and Appendix B).
     """
 
     name = "euler"
@@ -40,15 +68,14 @@ class EulerSampler(KarrasSampler):
         super().__init__(num_steps, **kwargs)
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
-        sigmas = grid.sigmas
-        x_ve = x / grid.alphas_cumprod[i] ** 0.5
-        d, x0 = self.derivative(denoise, x_ve, grid, i)
-        x_ve = x_ve + d * (sigmas[i + 1] - sigmas[i])
+        x_ve, sigma_hat = self.churn(x / grid.alphas_cumprod[i] ** 0.5, grid, i, generator)
+        d, x0 = self.derivative(denoise, x_ve, grid, i, sigma_hat)
+        x_ve = x_ve + d * (grid.sigmas[i + 1] - (sigma_hat or grid.sigmas[i]))
         return x_ve * grid.alphas_cumprod[i + 1] ** 0.5, x0
 
 
-class HeunSampler(KarrasSampler):
-    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1).
+class HeunSampler(ChurnSampler):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithms 1 and 2).
 
     Each step takes an Euler step, evaluates the slope at its end and averages the two; the last step, to
     sigma = 0, is an Euler step. N steps cost 2N - 1 network evaluations.
@@ -68,10 +95,11 @@ class HeunSampler(KarrasSampler):
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
         sigmas = grid.sigmas
-        x_ve = x / grid.alphas_cumprod[i] ** 0.5
-        d, x0 = self.derivative(denoise, x_ve, grid, i)
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0 or sigmas[i] > self.max_sigma_ratio * sigmas[i + 1]:
+        x_ve, sigma_hat = self.churn(x / grid.alphas_cumprod[i] ** 0.5, grid, i, generator)
+        d, x0 = self.derivative(denoise, x_ve, grid, i, sigma_hat)
+        sigma = sigma_hat or sigmas[i]
+        dt = sigmas[i + 1] - sigma
+        if sigmas[i + 1] == 0 or sigma > self.max_sigma_ratio * sigmas[i + 1]:
             x_ve = x_ve + d * dt
         else:
             d_next, _ = self.derivative(denoise, x_ve + d * dt, grid, i + 1)
