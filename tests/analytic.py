@@ -22,12 +22,14 @@ class MixtureDenoiser:
     def x0_hat(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         return self.mixture.posterior_mean(x_t, alpha, sigma)
 
-    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x_in: Tensor, t: Tensor) -> Tensor:
+        """The exact output at the network's input (x_t, scaled as the prediction scales it: EDM's c_in)."""
         self.calls += 1
-        alpha, sigma = self.schedule.alpha_sigma(t, x_t)
+        alpha, sigma = self.schedule.alpha_sigma(t, x_in)
+        x_t = x_in.double() / self.prediction.scale_input(torch.ones_like(alpha), alpha, sigma)
         x0 = self.x0_hat(x_t, alpha, sigma)
         eps = (x_t.double() - alpha * x0) / sigma
-        return self.prediction.target(x0, eps, alpha, sigma).to(x_t.dtype)
+        return self.prediction.target(x0, eps, alpha, sigma).to(x_in.dtype)
 
     def as_denoiser(self) -> Denoiser:
         """This model behind the ``Denoiser`` interface the samplers take."""

@@ -56,6 +56,13 @@ def test_prediction_options(path):
     assert prediction.name == path.stem
 
 
+@pytest.mark.parametrize("path", options("timestep_sampler"))
+def test_timestep_sampler_options(path):
+    sampler = instantiate(OmegaConf.load(path))
+    t = sampler(512, NoiseSchedule.from_name("edm"), "cpu", torch.Generator().manual_seed(0))
+    assert t.shape == (512,) and 0 <= float(t.min()) <= float(t.max()) <= 999 and t.unique().numel() > 100
+
+
 @pytest.mark.parametrize("path", options("loss_weighting"))
 def test_loss_weighting_options(path):
     weighting = instantiate(OmegaConf.load(path))

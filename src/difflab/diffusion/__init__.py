@@ -4,6 +4,7 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.grid import Grid
 from difflab.diffusion.objectives import (
     DiffusionLoss,
+    LogNormalTimesteps,
     LossOutput,
     LossWeighting,
     MinSNRWeighting,
@@ -11,6 +12,7 @@ from difflab.diffusion.objectives import (
     UniformWeighting,
 )
 from difflab.diffusion.parameterization import (
+    EDMPrediction,
     EpsilonPrediction,
     Prediction,
     SamplePrediction,
@@ -35,8 +37,8 @@ from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 __all__ = [
     "SPACINGS",
     "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler", "DPMSolverPlusPlus2MSampler", "Denoiser",
-    "DiffusionLoss", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler", "Grid", "HeunSampler",
-    "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction", "SamplePrediction", "Sampler",
-    "UniformTimesteps", "UniformWeighting", "VPrediction", "available_samplers", "get_prediction", "get_sampler",
-    "spaced_timesteps",
+    "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler", "Grid",
+    "HeunSampler", "LogNormalTimesteps", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
+    "Prediction", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
+    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
 ]

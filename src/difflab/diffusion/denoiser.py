@@ -40,5 +40,5 @@ class Denoiser:
                                  "cannot estimate x0; train with prediction=v_prediction (Lin et al. 2023) or use "
                                  "timestep_spacing=leading")
             alpha, sigma = abar**0.5, (1 - abar) ** 0.5
-        output = self.model(x.to(model_dtype or x.dtype), t).to(x.dtype)
+        output = self.model(self.prediction.scale_input(x, alpha, sigma).to(model_dtype or x.dtype), t).to(x.dtype)
         return self.prediction.to_x0_eps(output, x, alpha, sigma)

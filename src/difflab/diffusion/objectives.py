@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.parameterization import (
+    EDMPrediction,
     EpsilonPrediction,
     Prediction,
     SamplePrediction,
@@ -24,10 +25,26 @@ from difflab.diffusion.schedules import NoiseSchedule
 class UniformTimesteps:
     """t ~ Uniform{0, ..., T-1}, as in DDPM's Algorithm 1 (Ho et al. 2020)."""
 
-    def __call__(self, batch_size: int, num_timesteps: int, device: torch.device | str = "cpu",
+    def __call__(self, batch_size: int, schedule: NoiseSchedule, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> Tensor:
         gen_device = generator.device if generator is not None else device
+        num_timesteps = schedule if isinstance(schedule, int) else schedule.num_timesteps
         return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=gen_device).to(device)
+
+
+class LogNormalTimesteps:
+    """EDM's training noise levels (Karras et al. 2022, Table 1): log sigma ~ N(p_mean, p_std^2), returned as the
+    schedule's fractional timesteps (float64; sigmas beyond the schedule's ends are clamped to them)."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def __call__(self, batch_size: int, schedule: NoiseSchedule, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> Tensor:
+        gen_device = generator.device if generator is not None else device
+        log_sigma = torch.randn(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
+        sigma = (log_sigma * self.p_std + self.p_mean).exp().cpu()
+        return schedule.sigma_to_t(sigma).to(device)
 
 
 class LossWeighting:
@@ -49,7 +66,9 @@ class MinSNRWeighting(LossWeighting):
 
     The paper weights the x0-space error by min(SNR, gamma). Since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2
     and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, the same weight in each output space is
-    min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v.
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v; for EDM's F,
+    ||F - F_hat||^2 = ||x0 - x0_hat||^2 / c_out^2 with c_out^2 = s_d^2 / (1 + s_d^2 SNR), so
+    min(SNR, gamma) s_d^2 / (1 + s_d^2 SNR).
     """
 
     def __init__(self, gamma: float = 5.0):  # gamma: clamp on SNR; the paper's default is 5
@@ -64,6 +83,8 @@ class MinSNRWeighting(LossWeighting):
             return clamped
         if isinstance(prediction, VPrediction):
             return clamped / (snr + 1)
+        if isinstance(prediction, EDMPrediction):
+            return clamped * prediction.sigma_data**2 / (1 + prediction.sigma_data**2 * snr)
         raise TypeError(f"MinSNRWeighting has no form for {prediction!r}")
 
 
@@ -71,7 +92,7 @@ class MinSNRWeighting(LossWeighting):
 class LossOutput:
     loss: Tensor  # scalar: mean of per_sample
     per_sample: Tensor  # (B,) weighted loss of each sample, for per-timestep logging
-    t: Tensor  # (B,) the timesteps drawn
+    t: Tensor  # (B,) the timesteps drawn (long; float64 where a sampler draws between them)
 
 
 class DiffusionLoss:
@@ -81,7 +102,7 @@ class DiffusionLoss:
         self,
         prediction: str | Prediction = "epsilon",  # what the network outputs: epsilon | sample | v_prediction
         weighting: LossWeighting | None = None,  # loss weight over noise levels; default uniform
-        timestep_sampler: Callable[..., Tensor] | None = None,  # how t is drawn; default uniform
+        timestep_sampler: Callable[..., Tensor] | None = None,  # (batch_size, schedule, device, generator) -> t
     ):
         self.prediction = get_prediction(prediction)
         self.weighting = weighting if weighting is not None else UniformWeighting()
@@ -99,14 +120,14 @@ class DiffusionLoss:
     ) -> LossOutput:
         """x0: (B, ...) clean data. Draws t and eps unless given; returns the weighted loss."""
         if t is None:
-            t = self.timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+            t = self.timestep_sampler(x0.shape[0], schedule, x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                                 device=generator.device if generator is not None else x0.device).to(x0.device)
         x_t = schedule.add_noise(x0, noise, t)
         alpha, sigma = (c.to(x0.dtype) for c in schedule.alpha_sigma(t, x0))
         target = self.prediction.target(x0, noise, alpha, sigma)
-        output = model_fn(x_t, t)
+        output = model_fn(self.prediction.scale_input(x_t, alpha, sigma), t)
         squared_error = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         weight = self.weighting(schedule.snr_at(t), self.prediction).float()
         per_sample = weight * squared_error

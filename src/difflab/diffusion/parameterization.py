@@ -58,6 +58,10 @@ class Prediction:
     def to_x0(self, output: Tensor, x_t: Tensor, alpha, sigma) -> Tensor:
         return self.to_x0_eps(output, x_t, alpha, sigma)[0]
 
+    def scale_input(self, x_t: Tensor, alpha, sigma) -> Tensor:
+        """What the network is given for x_t: x_t itself, unless the parameterisation preconditions its input."""
+        return x_t
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -104,8 +108,48 @@ class VPrediction(Prediction):
         return x0_from_v(x_t, output, alpha, sigma), eps_from_v(x_t, output, alpha, sigma)
 
 
+class EDMPrediction(Prediction):
+    """EDM's preconditioned network (Karras et al. 2022, Table 1 and Eq. 7): D(x; sigma) = c_skip x + c_out F(c_in x),
+    c_skip = s_d^2 / (sigma^2 + s_d^2), c_out = sigma s_d / sqrt(sigma^2 + s_d^2), c_in = 1 / sqrt(sigma^2 + s_d^2),
+    with x = x_t / alpha and sigma = sigma_t / alpha the variance-exploding state and level, s_d = ``sigma_data``.
+
+    The target F* = (x0 - c_skip x) / c_out has unit variance at every level when the data has std s_d, and the
+    plain MSE on it is EDM's loss lambda(sigma) ||D - x0||^2 (lambda = 1 / c_out^2). With s_d = 1 F is -v: EDM's
+    preconditioning is v-prediction on data scaled to unit variance.
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5):  # the data's standard deviation (0.5 for images in [-1, 1])
+        self.sigma_data = float(sigma_data)
+
+    def __repr__(self) -> str:
+        return f"EDMPrediction(sigma_data={self.sigma_data})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.sigma_data == other.sigma_data
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.sigma_data))
+
+    def _norm(self, alpha, sigma):
+        """sqrt(sigma_t^2 + s_d^2 alpha^2) = alpha sqrt(sigma^2 + s_d^2): the coefficients in the VP frame."""
+        return (sigma**2 + self.sigma_data**2 * alpha**2) ** 0.5
+
+    def scale_input(self, x_t, alpha, sigma):
+        return x_t / self._norm(alpha, sigma)  # c_in x = x_t / (alpha sqrt(sigma^2 + s_d^2))
+
+    def target(self, x0, eps, alpha, sigma):
+        return (sigma * x0 - self.sigma_data**2 * alpha * eps) / (self.sigma_data * self._norm(alpha, sigma))
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        norm = self._norm(alpha, sigma)
+        x0 = self.sigma_data**2 * alpha * x_t / norm**2 + sigma * self.sigma_data * output / norm
+        return x0, eps_from_x0(x_t, x0, alpha, sigma)
+
+
 def get_prediction(prediction: str | Prediction) -> Prediction:
-    """A ``Prediction`` itself, or ``prediction=<name>`` (conf/prediction: epsilon, sample, v_prediction)."""
+    """A ``Prediction`` itself, or ``prediction=<name>`` (conf/prediction: edm, epsilon, sample, v_prediction)."""
     if isinstance(prediction, Prediction):
         return prediction
     from difflab.conf import build

@@ -108,6 +108,19 @@ class NoiseSchedule:
         return cls(sigmoid_betas(num_timesteps, beta_start, beta_end), name="sigmoid",
                    zero_terminal_snr=zero_terminal_snr)
 
+    @classmethod
+    def edm(cls, num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0) -> NoiseSchedule:
+        """EDM's noise levels (Karras et al. 2022, Table 1): sigma from ``sigma_min`` to ``sigma_max``, even in log
+        sigma over the T timesteps, as a VP schedule (alpha_bar = 1 / (1 + sigma^2)). Fractional timesteps are exact
+        here: t is affine in log sigma, so the network's t carries EDM's c_noise = log(sigma) / 4 up to an affine
+        map (into the range the sinusoidal embeddings were built for), and ``sigma_to_t`` inverts it exactly."""
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"schedule=edm needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        log_sigma = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64)
+        abar = 1 / (1 + log_sigma.exp() ** 2)
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        return cls(betas, name="edm")
+
     @staticmethod
     def from_name(name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
         """``schedule=<name>`` (conf/schedule/<name>.yaml: diffusers' default constants); kwargs override them."""

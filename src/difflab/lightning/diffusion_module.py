@@ -47,6 +47,7 @@ class DiffusionModule(DifflabModule):
         compile: bool | dict = False,  # torch.compile the training forward; a dict is passed as its kwargs
         conditioner: Conditioner | None = None,  # class / text conditioning with condition dropout; None: none
         guidance_scale: float = 1.0,  # classifier-free guidance for previews (sample grids, generate's default)
+        timestep_sampler: Callable[..., Tensor] | None = None,  # how training draws t; None: uniform
     ):
         super().__init__(optimizer, lr_scheduler, run_config)
         self.network = network
@@ -54,7 +55,7 @@ class DiffusionModule(DifflabModule):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.schedule = schedule
         self.sampler = sampler
-        self.loss = DiffusionLoss(prediction, loss_weighting)
+        self.loss = DiffusionLoss(prediction, loss_weighting, timestep_sampler)
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.image_shape = tuple(image_shape)
@@ -97,7 +98,7 @@ class DiffusionModule(DifflabModule):
         return logs_this_step(self._trainer)
 
     def _log_loss_buckets(self, out) -> None:
-        bucket = (out.t * self.loss_buckets // self.schedule.num_timesteps).detach()
+        bucket = (out.t * self.loss_buckets // self.schedule.num_timesteps).long().detach()
         losses = out.per_sample.detach()
         sums = torch.zeros(self.loss_buckets, device=losses.device).index_add_(0, bucket, losses)
         counts = torch.bincount(bucket, minlength=self.loss_buckets)

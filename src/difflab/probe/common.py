@@ -21,6 +21,12 @@ def noised(pipe: Pipeline, x0: Tensor, t: int, eps: Tensor) -> Tensor:
     return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * eps
 
 
+def network_input(pipe: Pipeline, x_t: Tensor, t: int) -> Tensor:
+    """What the network is given for x_t at timestep t: x_t, or its preconditioned scaling (EDM's c_in x)."""
+    alpha, sigma = pipe.schedule.alpha_sigma(torch.full((len(x_t),), t, device=x_t.device), x_t)
+    return pipe.prediction.scale_input(x_t, alpha.to(x_t.dtype), sigma.to(x_t.dtype))
+
+
 def fixed_noise(shape: Sequence[int], seed: int, device: torch.device | str) -> Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(device)
 

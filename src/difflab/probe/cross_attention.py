@@ -21,7 +21,7 @@ from difflab.conditioning.text import TextConditioner
 from difflab.errors import UsageError
 from difflab.nn.attention import TransformerBlock
 from difflab.pipeline import Pipeline
-from difflab.probe.common import fixed_noise, noised
+from difflab.probe.common import fixed_noise, network_input, noised
 
 
 @dataclass
@@ -108,7 +108,7 @@ def cross_attention(pipe: Pipeline, prompts: str | Sequence[str], images: Tensor
             captured.clear()
             for t in timesteps:
                 x_t = noised(pipe, x0[i:i + 1], t, fixed_noise(x0[i:i + 1].shape, seed + t, device))
-                pipe.network(x_t, torch.full((1,), t, device=device), **condition)
+                pipe.network(network_input(pipe, x_t, t), torch.full((1,), t, device=device), **condition)
             length = int(condition["context_mask"][0].sum())
             all_maps.append(torch.stack(captured).mean(0)[0, :length].cpu())
             all_tokens.append(_tokens(text, prompt, length))

@@ -19,7 +19,7 @@ from difflab.errors import UsageError
 from difflab.nn.embeddings import TIME_EMBEDDINGS
 from difflab.nn.unet import ResBlock
 from difflab.pipeline import Pipeline
-from difflab.probe.common import diffusion_space, fixed_noise, noised, timestep_grid
+from difflab.probe.common import diffusion_space, fixed_noise, network_input, noised, timestep_grid
 
 OUTPUT = "output"  # the network's output, probed beside its blocks
 
@@ -75,7 +75,7 @@ def t_response(pipe: Pipeline, batch: dict, timesteps: Sequence[int] | None = No
     timesteps = list(timesteps) if timesteps is not None else timestep_grid(num_timesteps)
     reference_t = num_timesteps // 2 if reference_t is None else int(reference_t)
     x0 = diffusion_space(pipe, batch)
-    x = noised(pipe, x0, reference_t, fixed_noise(x0.shape, seed, device))
+    x = network_input(pipe, noised(pipe, x0, reference_t, fixed_noise(x0.shape, seed, device)), reference_t)
     condition = pipe.conditioner.null(len(x), device) if condition is None else condition
     captured: dict[str, Tensor] = {}
     hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.float()))
