@@ -96,5 +96,5 @@ def test_uniform_timesteps_are_uniform():
 
 
 def test_unknown_prediction_type_lists_valid():
-    with pytest.raises(ValueError, match="valid: edm, epsilon, sample, v_prediction"):
+    with pytest.raises(ValueError, match="valid: edm, epsilon, flow, sample, v_prediction"):
         DiffusionLoss("eps")

@@ -115,7 +115,7 @@ def test_errors_name_the_problem(schedule):
         get_sampler("ddim", num_steps=1001).grid(schedule)
     with pytest.raises(ValueError, match="valid: small"):
         get_sampler("ddpm", variance="learned")
-    with pytest.raises(ValueError, match="valid: edm, epsilon, sample, v_prediction"):
+    with pytest.raises(ValueError, match="valid: edm, epsilon, flow, sample, v_prediction"):
         Denoiser(lambda x, t: x, schedule, "eps")
 
 

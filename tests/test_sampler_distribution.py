@@ -40,9 +40,9 @@ SAMPLERS = [
     ("heun", dict(num_steps=25)),
     # sigma grids spend their steps at small sigma (rho = 7 was tuned for images with sigma_data = 0.5): on this
     # mixture they need more steps than the spaced grids for the same discretisation error
-    ("heun", dict(num_steps=60, sigma_schedule="karras")),
+    ("heun", dict(num_steps=90, sigma_schedule="karras")),
     ("heun", dict(num_steps=100, sigma_schedule="karras", s_churn=20.0)),
-    ("dpmpp_2m", dict(num_steps=80, sigma_schedule="karras")),
+    ("dpmpp_2m", dict(num_steps=100, sigma_schedule="karras")),
     ("dpmpp_2m", dict(num_steps=50, sigma_schedule="exponential")),
     ("dpmpp_2m_sde", dict(num_steps=250)),
     ("dpmpp_2m_sde", dict(num_steps=150, sigma_schedule="karras")),

@@ -54,7 +54,7 @@ def test_zero_terminal_snr():
 
 
 def test_from_name_errors_list_valid_names():
-    with pytest.raises(ValueError, match="valid: cosine, edm, linear, scaled_linear, sigmoid"):
+    with pytest.raises(ValueError, match="valid: cosine, edm, flow, linear, scaled_linear, sigmoid"):
         NoiseSchedule.from_name("cosin")
     with pytest.raises(ValueError, match="betas"):
         NoiseSchedule(torch.tensor([0.1, 1.5]))

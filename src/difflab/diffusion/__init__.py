@@ -4,6 +4,7 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.grid import Grid
 from difflab.diffusion.objectives import (
     DiffusionLoss,
+    LogitNormalTimesteps,
     LogNormalTimesteps,
     LossOutput,
     LossWeighting,
@@ -14,6 +15,7 @@ from difflab.diffusion.objectives import (
 from difflab.diffusion.parameterization import (
     EDMPrediction,
     EpsilonPrediction,
+    FlowPrediction,
     Prediction,
     SamplePrediction,
     VPrediction,
@@ -37,8 +39,9 @@ from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 __all__ = [
     "SPACINGS",
     "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler", "DPMSolverPlusPlus2MSampler", "Denoiser",
-    "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler", "Grid",
-    "HeunSampler", "LogNormalTimesteps", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule",
-    "Prediction", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
-    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
+    "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler",
+    "FlowPrediction", "Grid", "HeunSampler", "LogNormalTimesteps", "LogitNormalTimesteps", "LossOutput",
+    "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction", "SamplePrediction", "Sampler",
+    "UniformTimesteps", "UniformWeighting", "VPrediction", "available_samplers", "get_prediction", "get_sampler",
+    "spaced_timesteps",
 ]

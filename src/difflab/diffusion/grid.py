@@ -20,7 +20,7 @@ from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import spaced_timesteps
 from difflab.errors import UsageError
 
-SIGMA_SCHEDULES = ("karras", "exponential")
+SIGMA_SCHEDULES = ("karras", "exponential", "flow")
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -36,11 +36,24 @@ def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> Te
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp()
 
 
-def sigma_grid(kind: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """The sigmas of ``sigma_schedule=kind`` (karras | exponential)."""
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
+    """The flow-matching grid of Stable Diffusion 3's and FLUX's pipelines: flow times u = 1, ..., 1 / N evenly,
+    shifted to s = shift u / (1 + (shift - 1) u) (Esser et al. 2024, Eq. 23), as sigma = s / (1 - s); the first is
+    inf (pure noise)."""
+    u = torch.linspace(1, 1 / num_steps, num_steps, dtype=torch.float64)
+    s = shift * u / (1 + (shift - 1) * u)
+    return torch.where(s < 1, s / (1 - s), torch.full_like(s, math.inf))
+
+
+def sigma_grid(kind: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+               shift: float = 1.0) -> Tensor:
+    """The sigmas of ``sigma_schedule=kind`` (karras | exponential between sigma_min and sigma_max; flow with
+    ``shift``, from pure noise)."""
     if kind not in SIGMA_SCHEDULES:
         raise UsageError(f"unknown sigma_schedule {kind!r}; valid: {', '.join(SIGMA_SCHEDULES)} (or null for the "
                          "spaced training timesteps)")
+    if kind == "flow":
+        return flow_sigmas(num_steps, shift)
     if not 0 < sigma_min < sigma_max:
         raise UsageError(f"a sigma grid needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
                          f"sigma_max={sigma_max}")
@@ -74,7 +87,8 @@ class Grid:
 
     @classmethod
     def from_sigmas(cls, schedule: NoiseSchedule, sigmas: Tensor) -> Grid:
-        """The grid over any decreasing ``sigmas`` (> 0): alpha_bar = 1 / (1 + sigma^2), and the network is told
+        """The grid over any decreasing ``sigmas`` (> 0; the first may be inf, pure noise): alpha_bar = 1 / (1 +
+        sigma^2), and the network is told
         the fractional timestep of each sigma on ``schedule`` (``NoiseSchedule.sigma_to_t``, as k-diffusion's
         discrete-schedule wrappers and diffusers' ``use_karras_sigmas`` do)."""
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
@@ -85,13 +99,13 @@ class Grid:
 
     @classmethod
     def sigma_schedule(cls, schedule: NoiseSchedule, kind: str, num_steps: int, sigma_min: float | None = None,
-                       sigma_max: float | None = None, rho: float = 7.0) -> Grid:
+                       sigma_max: float | None = None, rho: float = 7.0, shift: float = 1.0) -> Grid:
         """``num_steps`` sigmas of ``kind`` (karras | exponential) between ``sigma_min`` and ``sigma_max``, by
         default the extremes of the schedule's own timesteps (as k-diffusion and diffusers)."""
         table = schedule.sigmas
         sigma_min = float(table[0]) if sigma_min is None else sigma_min
         sigma_max = float(table[-1]) if sigma_max is None else sigma_max
-        return cls.from_sigmas(schedule, sigma_grid(kind, num_steps, sigma_min, sigma_max, rho))
+        return cls.from_sigmas(schedule, sigma_grid(kind, num_steps, sigma_min, sigma_max, rho, shift))
 
     def __len__(self) -> int:
         return len(self.timesteps)

@@ -14,6 +14,7 @@ from torch import Tensor
 from difflab.diffusion.parameterization import (
     EDMPrediction,
     EpsilonPrediction,
+    FlowPrediction,
     Prediction,
     SamplePrediction,
     VPrediction,
@@ -30,6 +31,23 @@ class UniformTimesteps:
         gen_device = generator.device if generator is not None else device
         num_timesteps = schedule if isinstance(schedule, int) else schedule.num_timesteps
         return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=gen_device).to(device)
+
+
+class LogitNormalTimesteps:
+    """Stable Diffusion 3's training levels (Esser et al. 2024, Eq. 19 and 23): the flow time s = sigmoid(z),
+    z ~ N(mean, std^2), shifted to shift s / (1 + (shift - 1) s), returned as the schedule's fractional timesteps
+    (the level of x_s = (1 - s) x0 + s eps on any schedule; float64)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
+        self.mean, self.std, self.shift = mean, std, shift
+
+    def __call__(self, batch_size: int, schedule: NoiseSchedule, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> Tensor:
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn(batch_size, generator=generator, device=gen_device, dtype=torch.float64).cpu()
+        s = torch.sigmoid(z * self.std + self.mean)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        return schedule.sigma_to_t(s / (1 - s)).to(device)  # sigma of x_s / (1 - s) = x0 + s / (1 - s) eps
 
 
 class LogNormalTimesteps:
@@ -83,6 +101,8 @@ class MinSNRWeighting(LossWeighting):
             return clamped
         if isinstance(prediction, VPrediction):
             return clamped / (snr + 1)
+        if isinstance(prediction, FlowPrediction):  # x0 = x_s - s u: ||u - u_hat||^2 = ||x0 - x0_hat||^2 / s^2
+            return clamped / (1 + snr.sqrt()) ** 2
         if isinstance(prediction, EDMPrediction):
             return clamped * prediction.sigma_data**2 / (1 + prediction.sigma_data**2 * snr)
         raise TypeError(f"MinSNRWeighting has no form for {prediction!r}")

@@ -148,8 +148,26 @@ class EDMPrediction(Prediction):
         return x0, eps_from_x0(x_t, x0, alpha, sigma)
 
 
+class FlowPrediction(Prediction):
+    """The network predicts the velocity u = eps - x0 of x_s = (1 - s) x0 + s eps (flow matching, Lipman et al.
+    2023; rectified flow, Liu et al. 2023) and sees x_s itself. In the VP frame x_s = x_t / (alpha + sigma) and
+    s = sigma / (alpha + sigma); x0 = x_s - s u, eps = x_s + (1 - s) u, finite at pure noise (alpha = 0)."""
+
+    name = "flow"
+
+    def scale_input(self, x_t, alpha, sigma):
+        return x_t / (alpha + sigma)
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps - x0
+
+    def to_x0_eps(self, output, x_t, alpha, sigma):
+        x_s, s = x_t / (alpha + sigma), sigma / (alpha + sigma)
+        return x_s - s * output, x_s + (1 - s) * output
+
+
 def get_prediction(prediction: str | Prediction) -> Prediction:
-    """A ``Prediction`` itself, or ``prediction=<name>`` (conf/prediction: edm, epsilon, sample, v_prediction)."""
+    """A ``Prediction`` itself, or ``prediction=<name>`` (conf/prediction: edm, epsilon, flow, sample, v_prediction)."""
     if isinstance(prediction, Prediction):
         return prediction
     from difflab.conf import build

@@ -121,6 +121,20 @@ class NoiseSchedule:
         betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
         return cls(betas, name="edm")
 
+    @classmethod
+    def flow(cls, num_timesteps: int = 1000, shift: float = 1.0) -> NoiseSchedule:
+        """Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023): x_s = (1 - s) x0 + s eps at
+        s = shift u / (1 + (shift - 1) u), u = (t + 1) / T (diffusers' FlowMatchEulerDiscreteScheduler; SD3's
+        shift, Esser et al. 2024, Eq. 23), as a VP schedule: alpha_bar = (1 - s)^2 / ((1 - s)^2 + s^2), 0 at the last
+        timestep (pure noise)."""
+        u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        s = shift * u / (1 + (shift - 1) * u)
+        abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        schedule = cls(betas, name="flow")
+        schedule.zero_terminal_snr = True  # by construction, not by rescaling
+        return schedule
+
     @staticmethod
     def from_name(name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
         """``schedule=<name>`` (conf/schedule/<name>.yaml: diffusers' default constants); kwargs override them."""
@@ -141,9 +155,10 @@ class NoiseSchedule:
 
     @property
     def sigmas(self) -> Tensor:
-        """The variance-exploding sigma = sqrt((1 - abar) / abar) per timestep (Karras et al. 2022, Eq. 4), alpha_bar
-        floored at 2**-24 so that a zero-terminal-SNR schedule has a finite sigma_max (as diffusers floors it)."""
-        abar = self.alphas_cumprod.clamp(min=MIN_ALPHA_BAR)
+        """The variance-exploding sigma = sqrt((1 - abar) / abar) per timestep (Karras et al. 2022, Eq. 4); an
+        alpha_bar of exactly 0 (zero terminal SNR) counts as 2**-24, so that sigma_max is finite (as diffusers)."""
+        abar = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod,
+                           torch.full_like(self.alphas_cumprod, MIN_ALPHA_BAR))
         return ((1 - abar) / abar).sqrt()
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
@@ -163,7 +178,7 @@ class NoiseSchedule:
         low = t.floor().long().clamp(0, self.num_timesteps - 1)
         high = t.ceil().long().clamp(0, self.num_timesteps - 1)
         sigma = ((1 - t.frac()) * log_sigmas[low] + t.frac() * log_sigmas[high]).exp()
-        return 1 / (1 + sigma**2)
+        return torch.where(t.frac() == 0, self.alphas_cumprod.to(t.device)[low], 1 / (1 + sigma**2))
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps}, " \

@@ -45,6 +45,7 @@ class Sampler:
         rho: float = 7.0,  # the Karras grid's rho (Karras et al. 2022, Eq. 5)
         sigma_min: float | None = None,  # the sigma grid's ends; None: the schedule's sigma at t = 0 and t = T - 1
         sigma_max: float | None = None,
+        shift: float = 1.0,  # sigma_schedule=flow: SD3's shift of the flow times
     ):
         self.num_steps = num_steps
         self.timestep_spacing = timestep_spacing or self.default_spacing
@@ -54,6 +55,7 @@ class Sampler:
         if sigma_schedule is not None:
             sigma_grid(sigma_schedule, 2, 1.0, 2.0)  # a wrong name fails here, at instantiation, not at sampling
         self.sigma_schedule, self.rho, self.sigma_min, self.sigma_max = sigma_schedule, rho, sigma_min, sigma_max
+        self.shift = shift
 
     def __repr__(self) -> str:
         spacing = (f"sigma_schedule={self.sigma_schedule!r}" if self.sigma_schedule
@@ -70,7 +72,7 @@ class Sampler:
         """The sigma grid of ``sigma_schedule`` if set, else ``num_steps`` spaced training timesteps."""
         if self.sigma_schedule is not None:
             return Grid.sigma_schedule(schedule, self.sigma_schedule, self.num_steps, self.sigma_min,
-                                       self.sigma_max, self.rho)
+                                       self.sigma_max, self.rho, self.shift)
         return Grid.spaced(schedule, self.num_steps, self.timestep_spacing, self.steps_offset, self.min_alpha_bar)
 
     def bind(self, denoiser: Denoiser, grid: Grid, model_dtype: torch.dtype) -> Denoise:

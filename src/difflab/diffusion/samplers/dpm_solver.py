@@ -86,10 +86,14 @@ class DPMSolverPlusPlus2MSDESampler(Sampler):
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
         memory = {} if memory is None else memory
-        x0, _ = denoise(x, i)
+        x0, eps = denoise(x, i)
         sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
         if sigma_next == 0:
             return x0, x0
+        if math.isinf(sigma):  # from pure noise, the limit: x0 + sigma_next eps (eta = 0) or x0 + sigma_next z
+            x_ve = x0 + sigma_next * (self.s_noise * randn_like(x0, generator) if self.eta else eps)
+            memory["x0_prev"], memory["h_prev"] = x0, math.inf
+            return x_ve * grid.alphas_cumprod[i + 1] ** 0.5, x0
         h = math.log(sigma) - math.log(sigma_next)
         eta_h = self.eta * h
         decay = -math.expm1(-h - eta_h)  # 1 - e^{-(1 + eta) h}

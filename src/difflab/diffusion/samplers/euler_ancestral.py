@@ -12,6 +12,9 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     variance (Song et al. 2021, Eq. 16, in sigma); eta = 0 the Euler step."""
     if eta == 0:
         return sigma_to, 0.0
+    if sigma_from == float("inf"):  # the limit from pure noise
+        sigma_up = min(sigma_to, eta * sigma_to)
+        return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
     sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
@@ -29,10 +32,13 @@ class EulerAncestralSampler(KarrasSampler):
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
         sigmas = grid.sigmas
-        x_ve = x / grid.alphas_cumprod[i] ** 0.5
-        d, x0 = self.derivative(denoise, x_ve, grid, i)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], self.eta)
-        x_ve = x_ve + d * (sigma_down - sigmas[i])
+        if sigmas[i] == float("inf"):
+            x_ve, x0 = self.from_pure_noise(denoise, x, grid, i, sigma_down)
+        else:
+            x_ve = x / grid.alphas_cumprod[i] ** 0.5
+            d, x0 = self.derivative(denoise, x_ve, grid, i)
+            x_ve = x_ve + d * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x_ve = x_ve + randn_like(x_ve, generator) * self.s_noise * sigma_up
         return x_ve * grid.alphas_cumprod[i + 1] ** 0.5, x0

@@ -9,6 +9,8 @@ step, noise raises sigma_i to sigma_hat = (1 + gamma) sigma_i, and the step star
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from difflab.diffusion.grid import Grid
@@ -22,6 +24,13 @@ class KarrasSampler(Sampler):
 
     default_spacing = "linspace"  # diffusers' Euler/Heun default
     min_alpha_bar = MIN_ALPHA_BAR
+
+    @staticmethod
+    def from_pure_noise(denoise: Denoise, x: Tensor, grid: Grid, i: int, sigma_down: float) -> tuple[Tensor, Tensor]:
+        """(x_ve at sigma_down, x0_hat) from a point of infinite sigma (alpha_bar = 0, a flow grid's start): the limit
+        of the step as sigma -> inf, x0_hat + sigma_down eps_hat (DDIM's step; x_ve itself is not finite there)."""
+        x0, eps = denoise(x, i)
+        return x0 + sigma_down * eps, x0
 
     @staticmethod
     def derivative(denoise: Denoise, x_ve: Tensor, grid: Grid, i: int,
@@ -68,6 +77,9 @@ class EulerSampler(ChurnSampler):
         super().__init__(num_steps, **kwargs)
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
+        if math.isinf(grid.sigmas[i]):
+            x_ve, x0 = self.from_pure_noise(denoise, x, grid, i, grid.sigmas[i + 1])
+            return x_ve * grid.alphas_cumprod[i + 1] ** 0.5, x0
         x_ve, sigma_hat = self.churn(x / grid.alphas_cumprod[i] ** 0.5, grid, i, generator)
         d, x0 = self.derivative(denoise, x_ve, grid, i, sigma_hat)
         x_ve = x_ve + d * (grid.sigmas[i + 1] - (sigma_hat or grid.sigmas[i]))
@@ -95,6 +107,9 @@ class HeunSampler(ChurnSampler):
 
     def step(self, denoise, x, grid, i, *, generator=None, memory=None):
         sigmas = grid.sigmas
+        if math.isinf(sigmas[i]):  # an Euler step, as every step where sigma falls by more than max_sigma_ratio
+            x_ve, x0 = self.from_pure_noise(denoise, x, grid, i, sigmas[i + 1])
+            return x_ve * grid.alphas_cumprod[i + 1] ** 0.5, x0
         x_ve, sigma_hat = self.churn(x / grid.alphas_cumprod[i] ** 0.5, grid, i, generator)
         d, x0 = self.derivative(denoise, x_ve, grid, i, sigma_hat)
         sigma = sigma_hat or sigmas[i]
