@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from difflab.diffusion import (
+    Loss,
     LossWeighting,
     NoiseSchedule,
     Prediction,
@@ -68,3 +69,16 @@ def test_loss_weighting_options(path):
     weighting = instantiate(OmegaConf.load(path))
     assert isinstance(weighting, LossWeighting)
     assert weighting(torch.tensor([1.0]), get_prediction("epsilon")).shape == (1,)
+
+
+@pytest.mark.parametrize("path", options("loss"))
+def test_loss_options(path):
+    """The yaml and the class's own defaults agree; every option reduces to one value per sample."""
+    cfg = OmegaConf.load(path)
+    loss = instantiate(cfg)
+    assert isinstance(loss, Loss) and loss.name == path.stem
+    reference = type(loss)()
+    for key, value in OmegaConf.to_container(cfg).items():
+        if not key.startswith("_"):
+            assert getattr(loss, key) == getattr(reference, key) == value
+    assert loss(torch.ones(3, 1, 4, 4), torch.zeros(3, 1, 4, 4)).shape == (3,)

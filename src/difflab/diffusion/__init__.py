@@ -2,6 +2,7 @@
 
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.grid import Grid
+from difflab.diffusion.losses import HuberLoss, L1Loss, L2Loss, Loss, PseudoHuberLoss
 from difflab.diffusion.objectives import (
     DiffusionLoss,
     LogitNormalTimesteps,
@@ -37,11 +38,10 @@ from difflab.diffusion.schedules import NoiseSchedule
 from difflab.diffusion.timesteps import SPACINGS, spaced_timesteps
 
 __all__ = [
-    "SPACINGS",
-    "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler", "DPMSolverPlusPlus2MSampler", "Denoiser",
-    "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler",
-    "FlowPrediction", "Grid", "HeunSampler", "LogNormalTimesteps", "LogitNormalTimesteps", "LossOutput",
-    "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction", "SamplePrediction", "Sampler",
-    "UniformTimesteps", "UniformWeighting", "VPrediction", "available_samplers", "get_prediction", "get_sampler",
-    "spaced_timesteps",
+    "SPACINGS", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler", "DPMSolverPlusPlus2MSampler",
+    "Denoiser", "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler",
+    "FlowPrediction", "Grid", "HeunSampler", "HuberLoss", "L1Loss", "L2Loss", "Loss", "LogNormalTimesteps",
+    "LogitNormalTimesteps", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction",
+    "PseudoHuberLoss", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
+    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
 ]

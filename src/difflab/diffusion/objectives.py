@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from difflab.diffusion.losses import L2Loss, Loss
 from difflab.diffusion.parameterization import (
     EDMPrediction,
     EpsilonPrediction,
@@ -116,17 +117,20 @@ class LossOutput:
 
 
 class DiffusionLoss:
-    """Denoising loss E_{t, eps} w(t) ||f(x_t, t) - target||^2 (Ho et al. 2020, Algorithm 1, generalised)."""
+    """Denoising loss E_{t, eps} w(t) d(f(x_t, t), target) (Ho et al. 2020, Algorithm 1, generalised): d and the
+    noise options from ``loss`` (default the squared error, DDPM's)."""
 
     def __init__(
         self,
         prediction: str | Prediction = "epsilon",  # what the network outputs: epsilon | sample | v_prediction
         weighting: LossWeighting | None = None,  # loss weight over noise levels; default uniform
         timestep_sampler: Callable[..., Tensor] | None = None,  # (batch_size, schedule, device, generator) -> t
+        loss: Loss | None = None,  # the distance and the noise options; default L2, plain noise
     ):
         self.prediction = get_prediction(prediction)
         self.weighting = weighting if weighting is not None else UniformWeighting()
         self.timestep_sampler = timestep_sampler if timestep_sampler is not None else UniformTimesteps()
+        self.loss_fn = loss if loss is not None else L2Loss()
 
     def __call__(
         self,
@@ -137,18 +141,20 @@ class DiffusionLoss:
         t: Tensor | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        train: bool = True,
     ) -> LossOutput:
-        """x0: (B, ...) clean data. Draws t and eps unless given; returns the weighted loss."""
+        """x0: (B, ...) clean data. Draws t and eps unless given; returns the weighted loss. ``train=False``
+        (validation) leaves out the loss's offset noise and input perturbation: the plain forward process."""
         if t is None:
             t = self.timestep_sampler(x0.shape[0], schedule, x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                                 device=generator.device if generator is not None else x0.device).to(x0.device)
-        x_t = schedule.add_noise(x0, noise, t)
+        noise, input_noise = self.loss_fn.noise(noise, generator) if train else (noise, noise)
+        x_t = schedule.add_noise(x0, input_noise, t)
         alpha, sigma = (c.to(x0.dtype) for c in schedule.alpha_sigma(t, x0))
         target = self.prediction.target(x0, noise, alpha, sigma)
         output = model_fn(self.prediction.scale_input(x_t, alpha, sigma), t)
-        squared_error = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         weight = self.weighting(schedule.snr_at(t), self.prediction).float()
-        per_sample = weight * squared_error
+        per_sample = weight * self.loss_fn(output, target)
         return LossOutput(loss=per_sample.mean(), per_sample=per_sample, t=t)

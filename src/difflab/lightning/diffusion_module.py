@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from difflab.conditioning.base import Conditioner, NoConditioning
 from difflab.diffusion.guidance import Conditioned
+from difflab.diffusion.losses import Loss
 from difflab.diffusion.objectives import DiffusionLoss, LossWeighting
 from difflab.diffusion.parameterization import Prediction
 from difflab.diffusion.samplers import Sampler
@@ -48,6 +49,7 @@ class DiffusionModule(DifflabModule):
         conditioner: Conditioner | None = None,  # class / text conditioning with condition dropout; None: none
         guidance_scale: float = 1.0,  # classifier-free guidance for previews (sample grids, generate's default)
         timestep_sampler: Callable[..., Tensor] | None = None,  # how training draws t; None: uniform
+        loss: Loss | None = None,  # distance and noise options (offset noise, input perturbation); None: L2
     ):
         super().__init__(optimizer, lr_scheduler, run_config)
         self.network = network
@@ -55,7 +57,7 @@ class DiffusionModule(DifflabModule):
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.schedule = schedule
         self.sampler = sampler
-        self.loss = DiffusionLoss(prediction, loss_weighting, timestep_sampler)
+        self.loss = DiffusionLoss(prediction, loss_weighting, timestep_sampler, loss)
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
         self.image_shape = tuple(image_shape)
@@ -141,7 +143,7 @@ class DiffusionModule(DifflabModule):
         # fixed t and noise per batch, so that the figure is comparable across validations
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         out = self.loss(Conditioned(self.ema, self.conditioner(batch)), self.diffusion_input(batch), self.schedule,
-                        generator=generator)
+                        generator=generator, train=False)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return out.loss
 
