@@ -46,6 +46,8 @@ SAMPLERS = [
     ("dpmpp_2m", dict(num_steps=50, sigma_schedule="exponential")),
     ("dpmpp_2m_sde", dict(num_steps=250)),
     ("dpmpp_2m_sde", dict(num_steps=150, sigma_schedule="karras")),
+    ("unipc", dict(num_steps=50)),
+    ("unipc", dict(num_steps=50, solver_order=3)),
 ]
 
 

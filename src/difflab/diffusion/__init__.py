@@ -31,6 +31,7 @@ from difflab.diffusion.samplers import (
     EulerSampler,
     HeunSampler,
     Sampler,
+    UniPCSampler,
     available_samplers,
     get_sampler,
 )
@@ -42,6 +43,6 @@ __all__ = [
     "Denoiser", "DiffusionLoss", "EDMPrediction", "EpsilonPrediction", "EulerAncestralSampler", "EulerSampler",
     "FlowPrediction", "Grid", "HeunSampler", "HuberLoss", "L1Loss", "L2Loss", "Loss", "LogNormalTimesteps",
     "LogitNormalTimesteps", "LossOutput", "LossWeighting", "MinSNRWeighting", "NoiseSchedule", "Prediction",
-    "PseudoHuberLoss", "SamplePrediction", "Sampler", "UniformTimesteps", "UniformWeighting", "VPrediction",
-    "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
+    "PseudoHuberLoss", "SamplePrediction", "Sampler", "UniPCSampler", "UniformTimesteps", "UniformWeighting",
+    "VPrediction", "available_samplers", "get_prediction", "get_sampler", "spaced_timesteps",
 ]

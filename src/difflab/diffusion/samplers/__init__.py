@@ -14,6 +14,7 @@ from difflab.diffusion.samplers.ddpm import DDPMSampler
 from difflab.diffusion.samplers.dpm_solver import DPMSolverPlusPlus2MSampler, DPMSolverPlusPlus2MSDESampler
 from difflab.diffusion.samplers.euler_ancestral import EulerAncestralSampler
 from difflab.diffusion.samplers.karras import ChurnSampler, EulerSampler, HeunSampler, KarrasSampler
+from difflab.diffusion.samplers.unipc import UniPCSampler
 
 
 def available_samplers() -> list[str]:
@@ -32,4 +33,4 @@ def get_sampler(name: str, **overrides) -> Sampler:
 
 __all__ = ["Callback", "ChurnSampler", "DDIMSampler", "DDPMSampler", "DPMSolverPlusPlus2MSDESampler",
            "DPMSolverPlusPlus2MSampler", "Denoise", "EulerAncestralSampler", "EulerSampler", "HeunSampler",
-           "KarrasSampler", "Sampler", "available_samplers", "get_sampler", "require_invertible"]
+           "KarrasSampler", "Sampler", "UniPCSampler", "available_samplers", "get_sampler", "require_invertible"]
