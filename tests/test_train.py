@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from configs import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg, options, write_shards
 from difflab.cli.train import build, run
 
-GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "model", "optim",
-          "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder", "precision"]
+GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "timestep_sampler", "loss", "model",
+          "optim", "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder", "precision"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -52,7 +52,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
 
         assert callable(_locate(cfg.text_encoder._target_)) and cfg.network.context_dim == cfg.text_encoder.dim
         return
-    if group == "network" and option in ("ldm", "base", "latent_small"):  # not pixel-space MNIST: the node alone
+    if group == "network" and option in ("ldm", "base", "latent_small", "dit_b"):  # not pixel MNIST: the node alone
         assert instantiate(cfg.network) is not None
         return
     model, datamodule, trainer = build(cfg)
@@ -94,6 +94,10 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
         overrides += TINY_AUTOENCODER
     if preset == "mnist_ldm":
         overrides += [f"first_stage.ckpt={untrained_autoencoder_checkpoint(tmp_path)}", *TINY_LATENT_NETWORK]
+    if preset == "latent_dit":  # the digits' latents instead of a Hub VAE on 256-pixel images, on the CPU
+        overrides += ["first_stage.pretrained=null", f"first_stage.ckpt={untrained_autoencoder_checkpoint(tmp_path)}",
+                      "network=dit_tiny", "network.in_channels=4", "trainer=cpu", "data.image_size=8",
+                      "data.num_workers=0"]
     trainer = run(make_cfg(tmp_path, *overrides))
     assert trainer.global_step == 1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "samples").is_dir()

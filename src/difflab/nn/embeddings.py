@@ -85,3 +85,17 @@ class ClassEmbedding(nn.Module):
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.table(labels.long())
+
+
+def conditioning_vector(time_embed: nn.Module, class_embed: ClassEmbedding | None, cond_proj: nn.Module | None,
+                        t: Tensor, class_labels: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+    """What a network is conditioned on, one vector per sample: the time embedding, plus the class's (the null
+    class when no label is given), plus the projected conditioning vector (e.g. pooled text) when given."""
+    emb = time_embed(t)
+    if class_embed is not None:
+        if class_labels is None:  # unconditional: the null class
+            class_labels = torch.full_like(t, class_embed.null_class, dtype=torch.long)
+        emb = emb + class_embed(class_labels)
+    if cond_proj is not None and cond is not None:
+        emb = emb + cond_proj(cond)
+    return emb

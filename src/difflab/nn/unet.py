@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from difflab.nn.attention import SelfAttentionBlock, TransformerBlock, heads_for
-from difflab.nn.embeddings import TIME_EMBEDDINGS, ClassEmbedding
+from difflab.nn.embeddings import TIME_EMBEDDINGS, ClassEmbedding, conditioning_vector
 from difflab.nn.layers import group_norm, zero_module
 
 TIME_INJECTIONS = ("add", "concat", "film", "adagn")
@@ -184,14 +184,7 @@ class UNet(nn.Module):
 
     def embed(self, t: Tensor, class_labels: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """The vector every ResBlock is conditioned on: time embedding (+ class) (+ projected cond)."""
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            if class_labels is None:  # unconditional: the null class
-                class_labels = torch.full_like(t, self.class_embed.null_class, dtype=torch.long)
-            emb = emb + self.class_embed(class_labels)
-        if self.cond_proj is not None and cond is not None:
-            emb = emb + self.cond_proj(cond)
-        return emb
+        return conditioning_vector(self.time_embed, self.class_embed, self.cond_proj, t, class_labels, cond)
 
     def _run(self, layer: nn.Module, *args) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
