@@ -187,6 +187,12 @@ def _diffusers_vae():
     DiffusersFirstStage.from_pretrained("stabilityai/sd-vae-ft-mse", local_files_only=True)
 
 
+def _diffusers_unet():
+    from difflab.nn.diffusers_unet import diffusers_unet
+
+    diffusers_unet()
+
+
 def _webdataset():
     from difflab.data.shards import shard_urls
 
@@ -206,6 +212,7 @@ def _wandb(tmp_path):
     (_kid, "torch_fidelity", 'KID needs torch-fidelity: pip install "difflab[eval]"'),
     (_inception, "torch_fidelity", 'extractor=inception needs torch-fidelity: pip install "difflab[eval]"'),
     (_diffusers_vae, "diffusers", 'first_stage.pretrained needs diffusers: pip install "difflab[diffusers]"'),
+    (_diffusers_unet, "diffusers", 'network=diffusers_unet needs diffusers: pip install "difflab[diffusers]"'),
     (_webdataset, "braceexpand", 'data=webdataset needs braceexpand: pip install "difflab[webdataset]"'),
     (_wandb, "wandb", 'logger=wandb needs wandb: pip install "difflab[wandb]"'),
 ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)

@@ -98,6 +98,14 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
         overrides += ["first_stage.pretrained=null", f"first_stage.ckpt={untrained_autoencoder_checkpoint(tmp_path)}",
                       "network=dit_tiny", "network.in_channels=4", "trainer=cpu", "data.image_size=8",
                       "data.num_workers=0"]
+    if preset == "ddpm_cifar10_finetune":  # a tiny random UNet2DModel in a folder instead of the Hub's
+        import diffusers
+
+        diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                              down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
+                              layers_per_block=1, norm_num_groups=4).save_pretrained(tmp_path / "unet")
+        overrides += ["network=diffusers_unet", f"network.pretrained={tmp_path / 'unet'}", "data.channels=1",
+                      "data.image_size=8"]
     trainer = run(make_cfg(tmp_path, *overrides))
     assert trainer.global_step == 1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "samples").is_dir()

@@ -33,6 +33,8 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     if run_config is None:
         raise UsageError(f"{path} has no difflab run config: was it written by difflab's train.py?")
     model_config = OmegaConf.create(run_config)["model"]
+    if "difflab_network" in checkpoint:  # a network from outside files (network=diffusers_unet): its architecture
+        model_config.network = OmegaConf.create(checkpoint["difflab_network"])
     if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
         model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
     if model_config.get("sampler") is not None:

@@ -147,6 +147,12 @@ class DiffusionModule(DifflabModule):
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return out.loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        spec = getattr(self.network, "spec", None)
+        if callable(spec):  # a network built from outside files (a pretrained folder): its architecture, to rebuild
+            checkpoint["difflab_network"] = spec()
+
     def pipeline(self, use_ema: bool = True) -> Pipeline:
         """What sampling needs, handed out: the EMA (or raw) network with the schedule, parameterisation,
         conditioner, default sampler and guidance. It shares the module's weights (no copy)."""
