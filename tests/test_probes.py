@@ -18,7 +18,7 @@ from difflab.conditioning import ClassConditioner, TextConditioner
 from difflab.data.gmm import GaussianMixture
 from difflab.diffusion import NoiseSchedule, get_prediction, get_sampler
 from difflab.errors import UsageError
-from difflab.nn import UNet
+from difflab.nn import DiT, UNet
 from difflab.nn.unet import ResBlock
 from difflab.pipeline import Pipeline
 
@@ -59,6 +59,18 @@ def test_every_block_of_a_perturbed_network_responds_to_t(injection):
     assert (result.spread > 1e-3).all(), result.table()
     assert torch.equal(result.change[:, 2], torch.zeros(len(result.blocks), dtype=torch.float64))  # t = reference_t
     assert (result.change[:, [0, 1, 3]] > 0).all()
+
+
+def test_every_block_of_a_perturbed_dit_responds_to_t():
+    torch.manual_seed(0)
+    net = DiT(in_channels=1, patch_size=4, hidden_size=32, depth=2, num_heads=2, frequency_dim=32)
+    with torch.no_grad():  # adaLN-Zero's zero gates would hide every response
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    result = probe.t_response(pipeline(net), image_batch(), reference_t=500, timesteps=[10, 300, 500, 900])
+    assert result.blocks == ["blocks.0", "blocks.1", "output"] and result.time_injection == "adaln_zero"
+    assert result.time_embedding == "sinusoidal_mlp"
+    assert (result.spread > 1e-3).all(), result.table()
 
 
 def test_a_t_blind_network_is_reported_blind():

@@ -15,6 +15,7 @@ from difflab import probe
 from difflab.conditioning.base import NoConditioning
 from difflab.errors import UsageError
 from difflab.lightning.callbacks import Periodic, log_image
+from difflab.nn.dit import DiTBlock
 from difflab.nn.unet import ResBlock
 from difflab.plots import figure_pixels, save_figure
 from difflab.probe.bayes_gap import mixture_of
@@ -38,7 +39,7 @@ class ProbeCallback(Periodic):
 
     def applicable(self, pl_module: L.LightningModule) -> list[str]:
         pipe = pl_module.pipeline()
-        reasons = {"t_response": None if any(isinstance(m, ResBlock) for m in pipe.network.modules())
+        reasons = {"t_response": None if any(isinstance(m, ResBlock | DiTBlock) for m in pipe.network.modules())
                    else "no ResBlocks",
                    "cfg_gap": "unconditional" if isinstance(pipe.conditioner, NoConditioning) else None}
         for name, check, why in (("cross_attention", text_part, "not text-conditioned"),

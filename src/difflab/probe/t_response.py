@@ -1,4 +1,4 @@
-"""How much each ResBlock's activations change when only the timestep given to the network changes.
+"""How much each ResBlock's (a DiT's: each block's) activations change when only the timestep given changes.
 
 The input is held fixed (real images noised to ``reference_t``, one draw of noise) and the network is told other
 timesteps: whatever changes in a block's output then came in through the time embedding and its injection. A block
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from difflab.conditioning.base import Condition
 from difflab.errors import UsageError
+from difflab.nn.dit import DiTBlock
 from difflab.nn.embeddings import TIME_EMBEDDINGS
 from difflab.nn.unet import ResBlock
 from difflab.pipeline import Pipeline
@@ -67,10 +68,10 @@ def t_response(pipe: Pipeline, batch: dict, timesteps: Sequence[int] | None = No
     timestep), told each of ``timesteps`` (default 10 spread over the schedule) under ``condition`` (default the
     null one)."""
     network, device = pipe.network, pipe.device
-    blocks = [(name, module) for name, module in network.named_modules() if isinstance(module, ResBlock)]
+    blocks = [(name, module) for name, module in network.named_modules() if isinstance(module, ResBlock | DiTBlock)]
     if not blocks:
-        raise UsageError(f"probe=t_response needs a network with difflab's ResBlocks (a UNet); "
-                         f"{type(network).__name__} has none")
+        raise UsageError(f"probe=t_response needs a network with difflab's ResBlocks or DiT blocks (a UNet or a "
+                         f"DiT); {type(network).__name__} has none")
     num_timesteps = pipe.schedule.num_timesteps
     timesteps = list(timesteps) if timesteps is not None else timestep_grid(num_timesteps)
     reference_t = num_timesteps // 2 if reference_t is None else int(reference_t)
@@ -108,10 +109,10 @@ def t_response(pipe: Pipeline, batch: dict, timesteps: Sequence[int] | None = No
 
 def _embedding(network) -> str | None:
     """The network's ``time_embedding`` option (sinusoidal, learned, sinusoidal_mlp)."""
-    kind = type(getattr(network, "time_embed", None))
+    kind = type(getattr(network, "time_embed", getattr(network, "t_embedder", None)))
     return next((name for name, cls in TIME_EMBEDDINGS.items() if cls is kind), None)
 
 
 def _injection(blocks) -> str | None:
-    kinds = {module.time_injection for _, module in blocks}
+    kinds = {getattr(module, "time_injection", "adaln_zero") for _, module in blocks}  # a DiT's blocks: adaLN-Zero
     return kinds.pop() if len(kinds) == 1 else None
