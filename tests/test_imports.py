@@ -193,6 +193,14 @@ def _diffusers_unet():
     diffusers_unet()
 
 
+def _lora():
+    from torch import nn
+
+    from difflab.nn.lora import LoRA
+
+    LoRA().apply(nn.Linear(2, 2))
+
+
 def _webdataset():
     from difflab.data.shards import shard_urls
 
@@ -213,6 +221,7 @@ def _wandb(tmp_path):
     (_inception, "torch_fidelity", 'extractor=inception needs torch-fidelity: pip install "difflab[eval]"'),
     (_diffusers_vae, "diffusers", 'first_stage.pretrained needs diffusers: pip install "difflab[diffusers]"'),
     (_diffusers_unet, "diffusers", 'network=diffusers_unet needs diffusers: pip install "difflab[diffusers]"'),
+    (_lora, "peft", 'finetune=lora needs peft: pip install "difflab[lora]"'),
     (_webdataset, "braceexpand", 'data=webdataset needs braceexpand: pip install "difflab[webdataset]"'),
     (_wandb, "wandb", 'logger=wandb needs wandb: pip install "difflab[wandb]"'),
 ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)

@@ -12,8 +12,9 @@ from hydra.utils import instantiate
 from configs import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg, options, write_shards
 from difflab.cli.train import build, run
 
-GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "timestep_sampler", "loss", "model",
-          "optim", "lr_scheduler", "trainer", "logger", "callbacks", "conditioning", "text_encoder", "precision"]
+GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "timestep_sampler", "loss",
+          "finetune", "model", "optim", "lr_scheduler", "trainer", "logger", "callbacks", "conditioning",
+          "text_encoder", "precision"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -37,6 +37,8 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
         model_config.network = OmegaConf.create(checkpoint["difflab_network"])
     if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
         model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
+    if model_config.get("finetune"):  # LoRA: the checkpoint holds the weights; its base run need not exist now
+        model_config.finetune.base = None
     if model_config.get("sampler") is not None:
         upgrade_sampler_config(model_config.sampler)
     module = instantiate(model_config, _convert_="all")

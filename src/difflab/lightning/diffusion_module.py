@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from difflab.diffusion.samplers import Sampler
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.lightning.base import DifflabModule
 from difflab.lightning.compat import logs_this_step
+from difflab.nn.lora import LoRA, load_base, save_adapter
 from difflab.pipeline import Pipeline
 
 
@@ -50,8 +52,14 @@ class DiffusionModule(DifflabModule):
         guidance_scale: float = 1.0,  # classifier-free guidance for previews (sample grids, generate's default)
         timestep_sampler: Callable[..., Tensor] | None = None,  # how training draws t; None: uniform
         loss: Loss | None = None,  # distance and noise options (offset noise, input perturbation); None: L2
+        finetune: LoRA | None = None,  # finetune=lora: adapters trained on a frozen network (from finetune.base)
     ):
         super().__init__(optimizer, lr_scheduler, run_config)
+        self.finetune = finetune
+        if finetune is not None:
+            if finetune.base is not None:
+                load_base(network, finetune.base)
+            finetune.apply(network)
         self.network = network
         self.ema = copy.deepcopy(network).requires_grad_(False).eval()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
@@ -135,7 +143,11 @@ class DiffusionModule(DifflabModule):
         self.ema_updates += 1
 
     def trainable_parameters(self):
-        return self.network.parameters()
+        return [p for p in self.network.parameters() if p.requires_grad]  # finetune=lora: the adapters only
+
+    def on_train_end(self) -> None:
+        if self.finetune is not None and self.trainer.is_global_zero:  # the EMA's adapters, alone
+            save_adapter(self.ema, self.finetune, Path(self.trainer.default_root_dir) / "lora" / "adapter.safetensors")
 
     # ---- validation and sampling with the EMA weights --------------------------------------------
 
