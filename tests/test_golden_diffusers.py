@@ -41,6 +41,15 @@ def run_scheduler(scheduler, model_fn, x, **step_kwargs):
     return x
 
 
+def use_float64_tables(scheduler, schedule, num_steps):
+    """Give a multistep scheduler (DPM-Solver, UniPC) our float64 alpha_bar and its sigmas, set for num_steps; run it
+    under ``mock.patch.object(torch, "float32", torch.float64)`` so that its own float32 casts keep float64."""
+    scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
+    scheduler.set_timesteps(num_steps)
+    abar = schedule.alphas_cumprod[scheduler.timesteps]
+    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+
+
 @pytest.mark.parametrize("name", list(DIFFUSERS_SCHEDULES))
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 def test_betas_equal_diffusers(name, zero_terminal_snr):
@@ -116,10 +125,7 @@ def test_dpmpp_2m_equals_diffusers(name, prediction_type):
         assert (ours - expected).abs().max() <= 1e-4
 
     # diffusers' DPM-Solver casts its tables and the sample to float32; feed it float64 ones
-    scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
-    scheduler.set_timesteps(20)
-    abar = schedule.alphas_cumprod[scheduler.timesteps]
-    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    use_float64_tables(scheduler, schedule, 20)
     with mock.patch.object(torch, "float32", torch.float64):
         expected = run_scheduler(scheduler, model_fn, x_T(torch.float64))
     ours = sampler.sample(model_fn.as_denoiser(), x_T(torch.float64))

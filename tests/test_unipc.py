@@ -9,7 +9,7 @@ import torch
 
 from analytic import MixtureDenoiser
 from difflab.diffusion import NoiseSchedule, get_sampler
-from test_golden_diffusers import DIFFUSERS_SCHEDULES, run_scheduler, x_T
+from test_golden_diffusers import DIFFUSERS_SCHEDULES, run_scheduler, use_float64_tables, x_T
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,10 +43,7 @@ def test_unipc_equals_diffusers(name, prediction_type, order, solver_type):
         assert (ours - expected).abs().max() <= 1e-4
 
     # exactly: diffusers fed float64 tables (its float32 casts made float64)
-    scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
-    scheduler.set_timesteps(12)
-    abar = schedule.alphas_cumprod[scheduler.timesteps]
-    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    use_float64_tables(scheduler, schedule, 12)
     with mock.patch.object(torch, "float32", torch.float64):
         ours, expected = ours_and_theirs(sampler, scheduler, model_fn, x_T(torch.float64), 12, bh1)
     assert (ours - expected).abs().max() <= 1e-9
