@@ -1,8 +1,11 @@
-"""Checkpoints back into models: ``difflab.load(path)`` gives the Pipeline of a train.py checkpoint."""
+"""Checkpoints back into models: ``difflab.load(path)`` gives the Pipeline of a train.py checkpoint, of a folder
+written by ``python -m difflab.export`` or of a Hub repository holding one."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +20,10 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     from omegaconf import OmegaConf
 
     path = Path(ckpt).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(str(ckpt)):
+        path = download(str(ckpt))
+    if path.is_dir():
+        return load_exported(path).to(device).eval()
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path} (train first: python train.py)")
     try:
@@ -45,6 +52,69 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = run_config
     return module.to(device).eval()
+
+
+# an exported folder (difflab.export): the model's config, and the weights its sub-models' folders do not hold
+EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_VERSION = "difflab.json", "difflab.safetensors", 1
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells a repository
+
+
+def download(repo_id: str) -> Path:
+    """A Hub repository's files, through the local cache (``huggingface_hub.snapshot_download``)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, no such repository, no access: one line
+        raise MissingFileError(f"{repo_id} is neither a local path nor a Hub repository that could be downloaded "
+                               f"({type(err).__name__}: {one_line(err)})") from err
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` folder: its safetensors file, or every shard of its index."""
+    from safetensors.torch import load_file
+
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+    else:
+        files = [name for name in ("model.safetensors", "diffusion_pytorch_model.safetensors")
+                 if (folder / name).is_file()]
+    if not files:
+        raise MissingFileError(f"no weights in {folder}: an exported folder is incomplete (export it again)")
+    return {k: v for name in files for k, v in load_file(str(folder / name)).items()}
+
+
+def load_exported(folder: Path):
+    """The LightningModule of an exported folder: built from its ``difflab.json``, the weights of each sub-model
+    from its folder (``unet/``, ``vae/``, ...) and the rest from ``difflab.safetensors``. The exported network is
+    both the EMA and the raw network."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    config_file = folder / EXPORT_CONFIG
+    if not config_file.is_file():
+        hint = (" it is a diffusers pipeline: load it with diffusers, or fine-tune its UNet with network="
+                "diffusers_unet network.pretrained=DIR network.subfolder=unet"
+                if (folder / "model_index.json").is_file() else " give a checkpoint (.ckpt) or an exported folder")
+        raise UsageError(f"{folder} is a folder without {EXPORT_CONFIG}:{hint}")
+    info = json.loads(config_file.read_text())
+    if info.get("version", 0) > EXPORT_VERSION:
+        raise UsageError(f"{folder} was exported by a newer difflab (layout {info['version']}): upgrade difflab")
+    model_config = OmegaConf.create(info["model"])
+    if model_config.get("sampler") is not None:
+        upgrade_sampler_config(model_config.sampler)
+    module = instantiate(model_config, _convert_="all")
+    rest = folder / EXPORT_WEIGHTS
+    state = load_file(str(rest)) if rest.is_file() else {}
+    for path, subfolder in info["components"].items():
+        weights = read_weights(folder / subfolder)
+        owners = [path] if path.split(".")[0] != "network" else [path, "ema" + path.removeprefix("network")]
+        state.update({f"{owner}.{k}": v for owner in owners for k, v in weights.items()})
+    module.load_state_dict(state)
+    module.run_config = info["run_config"]
+    return module
 
 
 def one_line(err: BaseException) -> str:

@@ -94,8 +94,10 @@ def sample(cfg: DictConfig) -> Path:
         classifier = classifier_module.network
     editing = editing_inputs(cfg, pipe)
     grid_name = f"_{sampler.sigma_schedule}" if sampler.sigma_schedule else ""  # heun_karras_12steps_seed0
-    out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parent.parent / "generated" /
-                                         f"{sampler.name}{grid_name}_{sampler.num_steps}steps_seed{cfg.seed}")
+    # a checkpoint's samples go to its run directory; an exported folder's (or Hub repository's) to ./generated/NAME
+    ckpt = Path(cfg.ckpt)
+    generated = ckpt.resolve().parent.parent / "generated" if ckpt.is_file() else Path("generated") / ckpt.name
+    out = Path(cfg.out) if cfg.out else generated / f"{sampler.name}{grid_name}_{sampler.num_steps}steps_seed{cfg.seed}"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("invert"):
         return invert_and_regenerate(cfg, pipe, sampler, asked, guidance, out)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from difflab.nn.attention import Attention, heads_for
 from difflab.nn.embeddings import TIME_EMBEDDINGS, ClassEmbedding, conditioning_vector
+from difflab.nn.hub import HUB
 
 
 def sincos_2d(dim: int, height: int, width: int) -> Tensor:
@@ -73,7 +75,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, PyTorchModelHubMixin, **HUB):
     """A DiT for eps / x0 / v / EDM / flow prediction, with the UNet's interface:
     forward(x (B, C, H, W), t (B,), *, class_labels, context, context_mask, cond) -> (B, out_channels, H, W).
 

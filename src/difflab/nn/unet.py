@@ -7,11 +7,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from difflab.nn.attention import SelfAttentionBlock, TransformerBlock, heads_for
 from difflab.nn.embeddings import TIME_EMBEDDINGS, ClassEmbedding, conditioning_vector
+from difflab.nn.hub import HUB
 from difflab.nn.layers import group_norm, zero_module
 
 TIME_INJECTIONS = ("add", "concat", "film", "adagn")
@@ -92,7 +94,7 @@ class Layer(nn.ModuleList):
         return x
 
 
-class UNet(nn.Module):
+class UNet(nn.Module, PyTorchModelHubMixin, **HUB):
     """A UNet for epsilon / x0 / v prediction: forward(x (B, C, H, W), t (B,)) -> (B, out_channels, H, W)."""
 
     def __init__(

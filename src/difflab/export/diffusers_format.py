@@ -1,0 +1,133 @@
+"""A difflab run as a diffusers pipeline folder: the network, and a scheduler config that reproduces the run's
+schedule, parameterisation and sampler (their equality is what tests/test_golden_diffusers.py checks).
+
+Pixel models: ``DDIMPipeline`` when the sampler is DDIM, ``DDPMPipeline`` with the DDPM or DPM-Solver++ scheduler.
+Other samplers fall back to DPM-Solver++(2M) on their grid: DDPMPipeline neither scales model inputs (Euler, Heun)
+nor runs a scheduler whose step takes no generator (UniPC). diffusers' DDIM steps from t to t - T / N whatever the
+spacing, which is the next grid point for ``leading`` spacing only: DDIM runs on other grids differ slightly.
+diffusers' pixel pipelines are unconditional: class-conditional runs export as format=safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch import nn
+
+from difflab.conditioning.base import NoConditioning
+from difflab.errors import UsageError
+from difflab.extras import require
+
+# difflab's sampler class -> diffusers' scheduler class
+SCHEDULERS = {
+    "DDIMSampler": "DDIMScheduler",
+    "DDPMSampler": "DDPMScheduler",
+    "DPMSolverPlusPlus2MSampler": "DPMSolverMultistepScheduler",
+    "DPMSolverPlusPlus2MSDESampler": "DPMSolverMultistepScheduler",
+    "UniPCSampler": "UniPCMultistepScheduler",
+    "EulerSampler": "EulerDiscreteScheduler",
+    "EulerAncestralSampler": "EulerAncestralDiscreteScheduler",
+    "HeunSampler": "HeunDiscreteScheduler",
+}
+# the schedulers diffusers' pixel pipelines run (DDPMPipeline: step(..., generator=) on unscaled inputs)
+PIXEL_SCHEDULERS = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"}
+KARRAS_GRIDS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}
+
+
+def unsupported(module, network: nn.Module) -> str | None:
+    """Why this run cannot be a diffusers pipeline folder; None when it can."""
+    if type(network).__name__ != "DiffusersUNet":
+        return (f"the network is difflab's {type(network).__name__}, which diffusers does not know: train with "
+                "network=diffusers_unet for a diffusers pipeline")
+    if module.loss.prediction.name not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction={module.loss.prediction.name} has no diffusers DDPM-family scheduler"
+    schedule = module.run_config["model"]["schedule"]["_target_"].rsplit(".", 1)[-1]
+    if schedule in ("edm", "flow"):
+        return f"schedule={schedule} has no diffusers DDPM-family scheduler"
+    if getattr(module, "first_stage", None) is not None:
+        return "latent models export as diffusers pipelines only as text-to-image ones (StableDiffusionPipeline)"
+    if not isinstance(module.conditioner, NoConditioning):
+        return "diffusers' DDPM / DDIM pipelines are unconditional and this run is conditional"
+    return None
+
+
+def schedule_config(module) -> dict:
+    """The noise schedule as diffusers' common scheduler arguments: a named beta schedule where diffusers has the
+    same one, else the betas themselves (``trained_betas``)."""
+    node = module.run_config["model"]["schedule"]
+    kind = node["_target_"].rsplit(".", 1)[-1]
+    config = {"num_train_timesteps": module.schedule.num_timesteps}
+    named = {"linear": "linear", "scaled_linear": "scaled_linear"}.get(kind)
+    if kind == "cosine" and math.isclose(node.get("s", 0.008), 0.008) and math.isclose(node.get("max_beta", 0.999),
+                                                                                         0.999):
+        named = "squaredcos_cap_v2"
+    if named is None:
+        return {**config, "trained_betas": module.schedule.betas.tolist()}
+    config.update(beta_schedule=named, rescale_betas_zero_snr=bool(node.get("zero_terminal_snr", False)))
+    if "beta_start" in node:
+        config.update(beta_start=node["beta_start"], beta_end=node["beta_end"])
+    return config
+
+
+def scheduler_config(module, sampler=None) -> tuple[str, dict]:
+    """(diffusers' scheduler class name, its config) equal to ``sampler`` (default: the run's) under the run's
+    schedule and prediction."""
+    sampler = sampler or module.sampler
+    name = SCHEDULERS.get(type(sampler).__name__)
+    if name is None:
+        raise UsageError(f"sampler {type(sampler).__name__} has no diffusers scheduler: pick one of "
+                         f"{', '.join(sorted(SCHEDULERS))} (sampler=ddim)")
+    config = {**schedule_config(module), "prediction_type": module.loss.prediction.name,
+              "timestep_spacing": sampler.timestep_spacing, "steps_offset": sampler.steps_offset}
+    if sampler.sigma_schedule is not None:
+        if sampler.sigma_schedule not in KARRAS_GRIDS or name in ("DDIMScheduler", "DDPMScheduler"):
+            raise UsageError(f"{type(sampler).__name__} with sigma_schedule={sampler.sigma_schedule} has no diffusers "
+                             "scheduler: export with the sampler's plain grid (sampler.sigma_schedule=null)")
+        config[KARRAS_GRIDS[sampler.sigma_schedule]] = True
+    if name in ("DDIMScheduler", "DDPMScheduler"):
+        config.update(clip_sample=sampler.clip_sample, clip_sample_range=sampler.clip_sample_range)
+    if name == "DDIMScheduler":
+        config["set_alpha_to_one"] = True  # the last step lands on alpha_bar = 1, as difflab's DDIM
+    elif name == "DDPMScheduler":
+        config["variance_type"] = {"small": "fixed_small", "large": "fixed_large"}[sampler.variance]
+    elif name == "DPMSolverMultistepScheduler":
+        sde = type(sampler).__name__.endswith("SDESampler")
+        config.update(algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", solver_order=2,
+                      final_sigmas_type="zero", lower_order_final=True)
+        if sde:
+            config["solver_type"] = sampler.solver_type
+    elif name == "UniPCMultistepScheduler":
+        config.update(solver_order=sampler.solver_order, solver_type=sampler.solver_type, predict_x0=True,
+                      disable_corrector=list(sampler.disable_corrector), final_sigmas_type="zero")
+    return name, config
+
+
+def scheduler(module, sampler=None):
+    """The diffusers scheduler object of ``scheduler_config``."""
+    name, config = scheduler_config(module, sampler)
+    return getattr(require("diffusers", "diffusers", "format=diffusers"), name).from_config(config)
+
+
+def save_pipeline(module, network: nn.Module, folder: Path) -> dict[str, str]:
+    """Write the run as a diffusers pipeline folder; returns {module path: sub-folder} of the weights in it."""
+    diffusers = require("diffusers", "diffusers", "format=diffusers")
+    sampler = module.sampler
+    name = SCHEDULERS.get(type(sampler).__name__)
+    if name not in PIXEL_SCHEDULERS or (sampler.sigma_schedule is not None and name != "DPMSolverMultistepScheduler"):
+        sampler = _fallback(sampler)
+    name, config = scheduler_config(module, sampler)
+    pipeline_class = diffusers.DDIMPipeline if name == "DDIMScheduler" else diffusers.DDPMPipeline
+    pipeline = pipeline_class(unet=network.model, scheduler=getattr(diffusers, name).from_config(config))
+    pipeline.save_pretrained(folder)
+    return {"network.model": "unet"}
+
+
+def _fallback(sampler):
+    """DPM-Solver++(2M) on the sampler's steps and grid: what diffusers' pixel pipelines run in its place."""
+    from difflab.diffusion.samplers import get_sampler
+
+    print(f"note: diffusers' pixel pipelines cannot run {type(sampler).__name__}: the folder's scheduler is "
+          "DPM-Solver++(2M) on its grid (swap in another: pipe.scheduler = X.from_config(pipe.scheduler.config))")
+    return get_sampler("dpmpp_2m", num_steps=sampler.num_steps, timestep_spacing=sampler.timestep_spacing,
+                       steps_offset=sampler.steps_offset, sigma_schedule=sampler.sigma_schedule, rho=sampler.rho)
