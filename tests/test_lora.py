@@ -101,3 +101,41 @@ def test_a_base_of_another_network_is_refused(base_run):
         from difflab.nn.lora import load_base
 
         load_base(unet(context_dim=12), base_run)
+
+
+def test_sample_py_puts_an_adapter_onto_its_base(base_run, lora_run, tmp_path):
+    from configs import sample_cfg
+    from difflab.cli.sample import sample
+    from difflab.loading import load
+    from difflab.nn.lora import save_adapter
+
+    _, module = lora_run
+    # a base and adapters whose effect shows (a few steps leave the zero-initialised output layers near zero)
+    checkpoint = torch.load(base_run, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for name, tensor in checkpoint["state_dict"].items():
+        if name.startswith("ema."):
+            tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.2)
+    torch.save(checkpoint, tmp_path / "base.ckpt")
+    base_run = tmp_path / "base.ckpt"
+    ema = module.finetune.apply(load_module(base_run).ema)
+    with torch.no_grad():
+        for name, p in ema.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    adapter = save_adapter(ema, module.finetune, tmp_path / "adapter.safetensors")
+    request = dict(n=2, label=3, seed=0, steps=3, progress=False)
+    pipe = module.pipeline()
+    pipe.network = ema
+    expected = pipe(**request)
+    got = load(base_run, device="cpu", lora=adapter)(**request)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (load(base_run, device="cpu")(**request) - expected).abs().max() > 1e-3  # 700x the tolerance
+    args = ("n=2", "label=3", "steps=3", "seed=0", "progress=false")
+    base = sample(sample_cfg(f"ckpt={base_run}", *args, f"out={tmp_path / 'base'}"))
+    adapted = sample(sample_cfg(f"ckpt={base_run}", f"lora={adapter}", *args, f"out={tmp_path / 'adapted'}"))
+    names = sorted(p.name for p in base.glob("*_seed*.png"))
+    assert names and names == sorted(p.name for p in adapted.glob("*_seed*.png"))
+    assert any((base / n).read_bytes() != (adapted / n).read_bytes() for n in names)
+    with pytest.raises(UsageError, match="not a difflab LoRA adapter"):
+        load(base_run, device="cpu", lora=base_run)

@@ -14,8 +14,22 @@ from difflab.errors import MissingFileError, UsageError
 from difflab.pipeline import Pipeline
 
 
-def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the trained LightningModule from the run config stored in a train.py checkpoint, with its weights."""
+def load_module(ckpt: str | Path, device: str | torch.device = "cpu", lora: str | Path | None = None):
+    """Rebuild the trained LightningModule from the run config stored in a train.py checkpoint (or an exported
+    folder), with its weights; ``lora``: a LoRA adapter file (``<run>/lora/adapter.safetensors``) put onto its EMA
+    and raw networks."""
+    module = _load_module(ckpt)
+    if lora is not None:
+        from difflab.nn.lora import load_adapter
+
+        if not hasattr(module, "ema"):
+            raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint: LoRA adapters go onto diffusion models")
+        for network in (module.ema, module.network):
+            load_adapter(network, lora)
+    return module.to(device).eval()
+
+
+def _load_module(ckpt: str | Path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -23,7 +37,7 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     if not path.exists() and HUB_ID.fullmatch(str(ckpt)):
         path = download(str(ckpt))
     if path.is_dir():
-        return load_exported(path).to(device).eval()
+        return load_exported(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path} (train first: python train.py)")
     try:
@@ -51,7 +65,7 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     module = instantiate(model_config, _convert_="all")
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = run_config
-    return module.to(device).eval()
+    return module
 
 
 # an exported folder (difflab.export): the model's config, and the weights its sub-models' folders do not hold
@@ -138,9 +152,11 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
-def load(ckpt: str | Path, device: str | torch.device = "auto", use_ema: bool = True) -> Pipeline:
-    """The Pipeline of a train.py checkpoint: EMA weights by default, on ``device`` (auto: CUDA, MPS or CPU)."""
-    module = load_module(ckpt, resolve_device(device))
+def load(ckpt: str | Path, device: str | torch.device = "auto", use_ema: bool = True,
+         lora: str | Path | None = None) -> Pipeline:
+    """The Pipeline of a train.py checkpoint, an exported folder or a Hub repository holding one: EMA weights by
+    default, on ``device`` (auto: CUDA, MPS or CPU); ``lora``: a LoRA adapter file put onto the network."""
+    module = load_module(ckpt, resolve_device(device), lora)
     if not hasattr(module, "pipeline"):
         raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to sample")
     return module.pipeline(use_ema=use_ema)

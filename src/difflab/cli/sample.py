@@ -70,7 +70,7 @@ def slug(text: str, max_len: int = 60) -> str:
 
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt, device)
+    module = load_module(cfg.ckpt, device, cfg.get("lora"))
     pipe = module.pipeline(use_ema=cfg.use_ema)
     sampler, sampler_cfg = checkpoint_sampler(cfg, module)
     asked = requests(cfg)

@@ -123,8 +123,12 @@ def load_adapter(network: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"LoRA adapter not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # a checkpoint or any other file: safetensors' header error, in one line
+        raise UsageError(f"{path} is not a difflab LoRA adapter (not a safetensors file: {err}); give a finetune=lora "
+                         "run's lora/adapter.safetensors") from err
     if "difflab_lora" not in metadata:
         raise UsageError(f"{path} is not a difflab LoRA adapter (no difflab_lora metadata)")
     LoRA(**json.loads(metadata["difflab_lora"])).apply(network)
