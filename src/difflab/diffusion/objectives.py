@@ -142,9 +142,11 @@ class DiffusionLoss:
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         train: bool = True,
+        sample_weight: Tensor | None = None,
     ) -> LossOutput:
         """x0: (B, ...) clean data. Draws t and eps unless given; returns the weighted loss. ``train=False``
-        (validation) leaves out the loss's offset noise and input perturbation: the plain forward process."""
+        (validation) leaves out the loss's offset noise and input perturbation: the plain forward process.
+        ``sample_weight`` (B,): the loss is the mean of the per-sample losses times it (DreamBooth's prior term)."""
         if t is None:
             t = self.timestep_sampler(x0.shape[0], schedule, x0.device, generator)
         if noise is None:
@@ -157,4 +159,5 @@ class DiffusionLoss:
         output = model_fn(self.prediction.scale_input(x_t, alpha, sigma), t)
         weight = self.weighting(schedule.snr_at(t), self.prediction).float()
         per_sample = weight * self.loss_fn(output, target)
-        return LossOutput(loss=per_sample.mean(), per_sample=per_sample, t=t)
+        loss = per_sample.mean() if sample_weight is None else (per_sample * sample_weight.to(per_sample)).mean()
+        return LossOutput(loss=loss, per_sample=per_sample, t=t)

@@ -96,7 +96,8 @@ class DiffusionModule(DifflabModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         condition = self.conditioner.training_condition(batch)  # null with probability drop_prob
-        out = self.loss(Conditioned(self.train_network, condition), self.diffusion_input(batch), self.schedule)
+        out = self.loss(Conditioned(self.train_network, condition), self.diffusion_input(batch), self.schedule,
+                        sample_weight=batch.get("loss_weight"))  # DreamBooth: instance and prior-class terms
         self.log("train/loss", out.loss, prog_bar=True)
         if self._logging_step():
             self._log_loss_buckets(out)
@@ -141,6 +142,14 @@ class DiffusionModule(DifflabModule):
         for ema_buffer, buffer in zip(self.ema.buffers(), self.network.buffers(), strict=True):
             ema_buffer.copy_(buffer)
         self.ema_updates += 1
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        prepare = getattr(self.trainer.datamodule, "prepare_class_images", None)
+        if callable(prepare):  # data=dreambooth: the prior's class images, drawn by the model before it is tuned
+            if self.trainer.is_global_zero:
+                prepare(self.pipeline())
+            self.trainer.strategy.barrier()
 
     def trainable_parameters(self):
         return [p for p in self.network.parameters() if p.requires_grad]  # finetune=lora: the adapters only
