@@ -4,6 +4,7 @@ the same samples as the checkpoint; LoRA merged; the push path up to the upload 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -73,7 +74,12 @@ def test_difflab_networks_export_as_safetensors_and_load_back(class_ckpt, tmp_pa
     with pytest.raises(UsageError, match="network=diffusers_unet"):
         export(class_ckpt, tmp_path / "refused", format="diffusers")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
-    out = export(class_ckpt, tmp_path / "exported")  # format: safetensors, as diffusers cannot take it
+    umask = os.umask(0o022)
+    try:
+        out = export(class_ckpt, tmp_path / "exported")  # format: safetensors, as diffusers cannot take it
+    finally:
+        os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.rglob("*") if p.is_file())  # shareable
     assert json.loads((out / "difflab.json").read_text())["format"] == "safetensors"
     assert not (out / "model_index.json").exists()
     module, exported = load_module(class_ckpt), load_module(out)

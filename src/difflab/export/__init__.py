@@ -63,6 +63,7 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
         else:
             components = save_components(module, network, partial)
         write_difflab_files(module, network, components, partial, format, ckpt)
+        readable_as_umask_allows(partial)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
@@ -72,6 +73,16 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
     if push_to_hub:
         print(f"pushed to {push(out, push_to_hub, private=private)}")
     return out
+
+
+def readable_as_umask_allows(folder: Path) -> None:
+    """safetensors writes its files readable by their owner alone; an export is for sharing: files get the
+    permissions any new file gets (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def network_folder(network: nn.Module) -> str:
