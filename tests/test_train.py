@@ -35,6 +35,11 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
     if group == "data" and option == "webdataset":
         overrides += [f"data.train_urls={write_shards(tmp_path)}", "data.num_workers=0",
                       "data.image_size=8", "data.batch_size=4", "data.num_classes=2"]
+    if group == "data" and option == "dreambooth":  # a subject's images with one prompt: text-conditioned
+        from tiny_sd import write_images
+
+        overrides += [f"data.instance_root={write_images(tmp_path / 'subject', 3)}", "data.instance_prompt=a sks cat",
+                      "conditioning=text", "data.image_size=16", "data.batch_size=2", "data.num_workers=0"]
     if group == "trainer" and option in ("gpu", "ddp", "multinode"):
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1",
                       "trainer.num_nodes=1"]
@@ -58,8 +63,8 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         return
     model, datamodule, trainer = build(cfg)
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == ({"image", "label", "caption", "key"} if option == "webdataset" else
-                          {"image", "label", "caption", "index"})
+    extra = {"webdataset": {"key"}, "dreambooth": {"loss_weight"}}.get(option, {"index"})
+    assert set(batch) == {"image", "label", "caption"} | extra
     if group == "model" and option.startswith("autoencoder"):  # reconstructions of the batch
         assert model(batch["image"]).shape == batch["image"].shape
         assert (model.discriminator is not None) == (option == "autoencoder_gan")
