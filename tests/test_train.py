@@ -112,6 +112,16 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
                               layers_per_block=1, norm_num_groups=4).save_pretrained(tmp_path / "unet")
         overrides += ["network=diffusers_unet", f"network.pretrained={tmp_path / 'unet'}", "data.channels=1",
                       "data.image_size=8"]
+    if preset.startswith("sd15_"):  # a tiny random Stable Diffusion repository instead of the Hub's
+        from tiny_sd import tiny_sd_overrides, write_images, write_sd_repo
+
+        overrides += [*tiny_sd_overrides(write_sd_repo(tmp_path / "sd")), "trainer.max_steps=1", "data.batch_size=2"]
+        if preset == "sd15_finetune":
+            overrides += ["data=imagefolder", f"data.root={write_images(tmp_path / 'images', 4, ['a square'])}"]
+        else:
+            overrides += ["data=dreambooth", f"data.instance_root={write_images(tmp_path / 'subject', 2)}",
+                          "data.instance_prompt=a sks square", "data.class_prompt=a square",
+                          f"data.class_root={tmp_path / 'class'}", "data.num_class_images=2"]
     trainer = run(make_cfg(tmp_path, *overrides))
     assert trainer.global_step == 1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "samples").is_dir()
