@@ -2,8 +2,11 @@
 
     python bench/bench_unet.py [--batch 64] [--iters 5] [--preset small]
 
-Config (the issue's reference): channels (32, 64, 128), 2 ResBlocks per level, attention at 16x16 on
-1x32x32 inputs, additive time injection, 8 channels per head. Prints parameters (must agree within 10 %),
+Config: by default the issue-3 reference, channels (32, 64, 128), 2 ResBlocks per level, attention at 16x16 on
+1x32x32 inputs, additive time injection, 8 channels per head; ``--preset NAME`` takes conf/network/NAME.yaml
+(e.g. ``small``, the default run's network) and builds diffusers' UNet2DModel to match it: widths, ResBlocks per
+level (one more on the way up in both), the levels with attention, the middle attention, channels per head, norm
+groups, and FiLM as ``resnet_time_scale_shift="scale_shift"``. Prints parameters (must agree within 10 %),
 FLOPs per image (torch's FlopCounterMode), images/s and achieved GFLOPS for a training step
 (forward + backward + AdamW, fp32) and a no-grad forward, and our/diffusers ratios.
 """
@@ -32,6 +35,35 @@ def theirs() -> torch.nn.Module:
     return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
                        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+
+
+def preset(name: str, attention: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(our UNet of conf/network/NAME.yaml on 1x32x32 digits, diffusers' UNet2DModel of its config, the config)."""
+    from diffusers import UNet2DModel
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from difflab.conf import CONFIG_DIR
+
+    node = OmegaConf.load(f"{CONFIG_DIR}/network/{name}.yaml")
+    node.in_channels = 1
+    node.attention_implementation = attention
+    cfg = OmegaConf.to_container(node)
+    if cfg["_target_"] != "difflab.nn.UNet" or cfg["time_injection"] not in ("add", "film"):
+        raise SystemExit(f"network={name}: diffusers' UNet2DModel has no equivalent (a UNet with add or film only)")
+    widths = [cfg["model_channels"] * m for m in cfg["channel_mult"]]
+    if cfg["head_dim"] is None and len({w // (cfg["num_heads"] or 1) for w in widths}) > 1:
+        raise SystemExit(f"network={name} fixes the heads, not their width: diffusers' UNet2DModel cannot")
+    head_dim = cfg["head_dim"] or widths[0] // (cfg["num_heads"] or 1)
+    attention_levels = [2 ** level in cfg["attention_resolutions"] for level in range(len(widths))]
+    diffusers_model = UNet2DModel(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=widths,
+        layers_per_block=cfg["num_res_blocks"],
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)],
+        attention_head_dim=head_dim, norm_num_groups=cfg["norm_groups"], add_attention=cfg["mid_attention"],
+        resnet_time_scale_shift="scale_shift" if cfg["time_injection"] == "film" else "default")
+    return instantiate(node), diffusers_model, cfg
 
 
 def call(model, x, t):
@@ -86,11 +118,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "channels_first"],
                         help="our self-attention implementation")
+    parser.add_argument("--preset", default=None, help="a conf/network preset (small, tiny, ...) instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 32, 32)
     t = torch.randint(0, 1000, (args.batch,))
-    models = {"difflab": ours(attention_implementation=args.attention), "diffusers": theirs()}
+    if args.preset:
+        mine, other, cfg = preset(args.preset, args.attention)
+        models = {"difflab": mine, "diffusers": other}
+        print(f"network={args.preset}: " + ", ".join(f"{k} {cfg[k]}" for k in (
+            "model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "head_dim", "norm_groups",
+            "time_injection", "mid_attention")))
+    else:
+        models = {"difflab": ours(attention_implementation=args.attention), "diffusers": theirs()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}x1x32x32, fp32, "
           f"our attention: {args.attention}")
     # FLOPs of the architecture, counted on diffusers' model (SDPA counted by formula); ours computes the same
