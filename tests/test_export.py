@@ -182,3 +182,13 @@ def test_the_command_line_exports(class_ckpt, tmp_path):
     result = subprocess.run([sys.executable, "-m", "difflab.export", f"ckpt={class_ckpt}", f"out={tmp_path / 'cli'}"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "overwrite=true" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_folder_that_is_not_an_export_is_refused_naming_what_it_is(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(UsageError, match="diffusers pipeline.*network.pretrained=DIR"):
+        load_module(tmp_path / "pipeline")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UsageError, match="without difflab.json"):
+        load_module(tmp_path / "other")
