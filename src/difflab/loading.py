@@ -30,7 +30,6 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu", lora: str 
 
 
 def _load_module(ckpt: str | Path):
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     path = Path(ckpt).expanduser()
@@ -60,9 +59,7 @@ def _load_module(ckpt: str | Path):
         model_config.first_stage = OmegaConf.create(checkpoint["difflab_first_stage"])
     if model_config.get("finetune"):  # LoRA: the checkpoint holds the weights; its base run need not exist now
         model_config.finetune.base = None
-    if model_config.get("sampler") is not None:
-        upgrade_sampler_config(model_config.sampler)
-    module = instantiate(model_config, _convert_="all")
+    module = instantiate_model(model_config)
     module.load_state_dict(checkpoint["state_dict"])
     module.run_config = run_config
     return module
@@ -103,7 +100,6 @@ def load_exported(folder: Path):
     """The LightningModule of an exported folder: built from its ``difflab.json``, the weights of each sub-model
     from its folder (``unet/``, ``vae/``, ...) and the rest from ``difflab.safetensors``. The exported network is
     both the EMA and the raw network."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
@@ -119,9 +115,7 @@ def load_exported(folder: Path):
     model_config = OmegaConf.create(info["model"])
     for key in info.get("relative_paths", []):  # files inside the folder (a text encoder), wherever it now is
         OmegaConf.update(model_config, key, str(folder / OmegaConf.select(model_config, key)))
-    if model_config.get("sampler") is not None:
-        upgrade_sampler_config(model_config.sampler)
-    module = instantiate(model_config, _convert_="all")
+    module = instantiate_model(model_config)
     rest = folder / EXPORT_WEIGHTS
     state = load_file(str(rest)) if rest.is_file() else {}
     for path, subfolder in info["components"].items():
@@ -131,6 +125,15 @@ def load_exported(folder: Path):
     module.load_state_dict(state)
     module.run_config = info["run_config"]
     return module
+
+
+def instantiate_model(model_config):
+    """The LightningModule of a stored model config (a checkpoint's or an export's), its sampler node upgraded."""
+    from hydra.utils import instantiate
+
+    if model_config.get("sampler") is not None:
+        upgrade_sampler_config(model_config.sampler)
+    return instantiate(model_config, _convert_="all")
 
 
 def one_line(err: BaseException) -> str:
