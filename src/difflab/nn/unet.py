@@ -61,7 +61,7 @@ class ResBlock(nn.Module):
             h = torch.cat([h, e.expand(-1, -1, *h.shape[-2:])], dim=1)
         else:  # film, adagn: scale-shift after the norm
             scale, shift = e.chunk(2, dim=1)
-            h = F.silu(self.norm2(h) * (1 + scale) + shift)
+            h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))  # one fused op instead of mul + add
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
