@@ -1,6 +1,7 @@
 """Time to quality: difflab's recipe against diffusers' and lucidrains' at the same wall-clock training budget.
 
     python bench/bench_time_to_quality.py [--budget-min 12] [--n 500] [--peers difflab,diffusers,...]
+                                          [--set OVERRIDE ...]
 
 One after another on this machine, each for the same training wall-clock (data loading included):
   difflab         the default recipe (python train.py: class-conditional, scored class-balanced at its guidance)
@@ -13,13 +14,14 @@ One after another on this machine, each for the same training wall-clock (data l
   lucidrains      denoising-diffusion-pytorch (if installed): Unet(dim=16, dim_mults=(1, 2, 4)) + GaussianDiffusion
                   (its defaults: sigmoid schedule, v prediction) with its Trainer's defaults (Adam 1e-4, betas
                   0.9 / 0.99, EMA 0.995 every 10 steps, batch 16, gradient norm clipped to 1)
-difflab trains without validation or sample grids (the peers make none). Each keeps its EMA weights at the
-``--marks`` (fractions of the budget); the snapshots are scored afterwards by the digit-feature FID of n samples
-(bootstrap interval; the real-vs-real floor at the same n) under DPM-Solver++ 20 steps, and the final ones also
-under DDIM 50 steps: every model through difflab's samplers on its own schedule and parameterisation (equal to
-diffusers' schedulers: tests/test_golden_diffusers.py). The peers' own default, 1000 DDPM steps, would cost about
-45 CPU-minutes per snapshot. Prints the table, FID(peer) / FID(difflab_uncond) at the budget, and the training
-time difflab_uncond took to reach each peer's final FID.
+difflab trains without validation or sample grids (the peers make none); ``--set`` adds Hydra overrides to both
+difflab runs (how docs/recipe.md's choices were measured), and a schedule over the run's time is given the budget.
+Each keeps its EMA weights at the ``--marks`` (fractions of the budget); the snapshots are scored afterwards by the
+digit-feature FID of n samples (bootstrap interval; the real-vs-real floor at the same n) under DPM-Solver++ 20
+steps, and the final ones also under DDIM 50 steps: every model through difflab's samplers on its own schedule and
+parameterisation (equal to diffusers' schedulers: tests/test_golden_diffusers.py). The peers' own default, 1000 DDPM
+steps, would cost about 45 CPU-minutes per snapshot. Prints the table, FID(peer) / FID(difflab_uncond) at the
+budget, and the training time difflab_uncond took to reach each peer's final FID.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def train_difflab(name: str, budget_s: float, marks, out: Path, *overrides: str)
     cfg = difflab.compose(f"paths.output_dir={out / name}", "trainer.max_time=null", "trainer.max_steps=1000000",
                           "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
                           "~callbacks.progress_bar", "~callbacks.sample_grid", *overrides)
+    if "max_time" in cfg.lr_scheduler:  # a schedule over the run's time (lr_scheduler=budget): the bench's budget
+        cfg.lr_scheduler.max_time = budget_s
     model, datamodule, trainer = build(cfg)
     run = Run(name, batch_size=cfg.data.batch_size, parameters=sum(p.numel() for p in model.network.parameters()))
     trainer.callbacks.append(SnapshotCallback(Snapshots(run, budget_s, marks)))
@@ -239,6 +243,8 @@ def main() -> None:
     parser.add_argument("--score-all", default="difflab_uncond",
                         help="the runs whose every snapshot is scored (the others: the final one)")
     parser.add_argument("--out", default="bench_time_to_quality")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides for both difflab runs (recipe experiments), e.g. --set optim.lr=1e-3")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     out = Path(args.out)
@@ -250,9 +256,9 @@ def main() -> None:
     for name in args.peers.split(","):
         print(f"training {name} for {args.budget_min} min", flush=True)
         if name == "difflab":
-            runs.append(train_difflab(name, budget_s, marks, out))
+            runs.append(train_difflab(name, budget_s, marks, out, *args.set))
         elif name == "difflab_uncond":
-            runs.append(train_difflab(name, budget_s, marks, out, "conditioning=none"))
+            runs.append(train_difflab(name, budget_s, marks, out, "conditioning=none", *args.set))
         elif name == "diffusers":
             runs.append(train_diffusers(budget_s, marks, train_images))
         elif name == "lucidrains":
