@@ -214,3 +214,13 @@ def test_compare_two_settings_with_paired_seeds(class_checkpoint, tmp_path):
         evaluate(eval_cfg(f"ckpt={class_checkpoint}", "compare=[{steps:2}]"))
     with pytest.raises(ValueError, match="unknown compare keys \\['step'\\]"):
         evaluate(eval_cfg(f"ckpt={class_checkpoint}", "compare=[{step:2},{steps:2}]"))
+
+
+def test_compare_the_ema_weights_with_the_raw_ones(class_checkpoint):
+    """use_ema=false samples the training weights (two steps in, the EMA is still far from them)."""
+    common = (f"ckpt={class_checkpoint}", "n=10", "steps=2", "batch_size=10", "progress=false", "metrics=[fid]")
+    result = evaluate(eval_cfg(*common, "compare=[{use_ema:true},{use_ema:false}]"))
+    assert result["a"]["use_ema"] is True and result["b"]["use_ema"] is False
+    assert result["a"]["fid"] != result["b"]["fid"] and "raw weights" in report(result)
+    assert evaluate(eval_cfg(*common, "use_ema=false"))["fid"] == pytest.approx(result["b"]["fid"])
+    assert evaluate(eval_cfg(*common))["fid"] == pytest.approx(result["a"]["fid"])

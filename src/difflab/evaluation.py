@@ -78,10 +78,11 @@ class Generated:
 
 
 def generate(module, n: int, *, sampler=None, steps: int | None = None, guidance_scale: float | None = None,
-             seed: int = 0, batch_size: int = 250, progress: bool = True) -> Generated:
-    """n samples of a trained module under its conditioner's balanced examples (every class or prompt equally
-    often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample."""
-    pipe = module.pipeline()
+             seed: int = 0, batch_size: int = 250, progress: bool = True, use_ema: bool = True) -> Generated:
+    """n samples of a trained module (its EMA weights, or with ``use_ema=False`` the raw ones) under its
+    conditioner's balanced examples (every class or prompt equally often); sample k has seed ``seed + k`` whatever
+    the settings, so two settings are paired sample by sample."""
+    pipe = module.pipeline(use_ema=use_ema)
     sampler = pipe.resolve_sampler(sampler, steps)
     conditions = module.conditioner.examples(n, module.device)
     images = pipe(condition=conditions or None, n=None if conditions else n, sampler=sampler,
@@ -90,7 +91,7 @@ def generate(module, n: int, *, sampler=None, steps: int | None = None, guidance
     scale = pipe.guidance_scale if guidance_scale is None else guidance_scale
     labels = conditions.get("class_labels")
     return Generated(images.float().cpu() * 2 - 1, None if labels is None else labels.cpu(),
-                     {"sampler": sampler.name, "steps": sampler.num_steps, "guidance_scale": scale})
+                     {"sampler": sampler.name, "steps": sampler.num_steps, "guidance_scale": scale, "use_ema": use_ema})
 
 
 def class_judge(classifier: str | None, dataset, class_names: list[str] | None) -> tuple[nn.Module | None, str]:

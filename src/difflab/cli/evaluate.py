@@ -26,7 +26,7 @@ from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_
 from difflab.loading import load_module, resolve_device
 
 DEFAULT_N = 1000  # generated images when n is not given (a checkpoint)
-SETTING_KEYS = ("ckpt", "sampler", "steps", "guidance_scale")
+SETTING_KEYS = ("ckpt", "sampler", "steps", "guidance_scale", "use_ema")
 
 
 def scorer(cfg: DictConfig, real: RealImages) -> Scorer:
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if module is not None:
         sampler, sampler_cfg = checkpoint_sampler(cfg, module)
         generated = generate(module, n, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=cfg.seed + 1,
-                             batch_size=cfg.batch_size, progress=cfg.progress)
+                             batch_size=cfg.batch_size, progress=cfg.progress, use_ema=cfg.use_ema)
         fake, labels = generated.images, generated.labels
         result.update(ckpt=str(cfg.ckpt), sampler=OmegaConf.to_container(sampler_cfg),
                       guidance_scale=generated.settings["guidance_scale"])
@@ -113,8 +113,8 @@ def clip_score(cfg: DictConfig, example_prompts: list[str], images) -> float:
 
 
 def settings(cfg: DictConfig) -> list[dict]:
-    """The two settings of ``compare``: each a checkpoint path or a dict of ckpt / sampler / steps / guidance_scale
-    over the command line's."""
+    """The two settings of ``compare``: each a checkpoint path or a dict of ckpt / sampler / steps / guidance_scale /
+    use_ema over the command line's."""
     entries = list(cfg.compare)
     if len(entries) != 2:
         raise UsageError(f"compare takes two settings (A and B), got {len(entries)}")
@@ -125,7 +125,7 @@ def settings(cfg: DictConfig) -> list[dict]:
         if unknown:
             raise UsageError(f"unknown compare keys {sorted(unknown)}; valid: {', '.join(SETTING_KEYS)}")
         setting = {"ckpt": cfg.ckpt, "sampler": None, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-                   **entry}
+                   "use_ema": cfg.use_ema, **entry}
         if setting["ckpt"] is None:
             raise UsageError("compare needs a checkpoint for each setting: compare=[CKPT_A,CKPT_B], or ckpt=PATH")
         out.append(setting)
@@ -146,7 +146,7 @@ def compare(cfg: DictConfig) -> dict:
     default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     generated = [generate(modules[s["ckpt"]], n, sampler=s["sampler"] or default_sampler, steps=s["steps"],
                           guidance_scale=s["guidance_scale"], seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                          progress=cfg.progress) for s in chosen]
+                          progress=cfg.progress, use_ema=s["use_ema"]) for s in chosen]
     labels = [g.labels for g in generated]
     if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
         raise UsageError("compare needs the same conditions for A and B (models with the same classes)")
@@ -208,7 +208,8 @@ def report(result: dict) -> str:
 def report_comparison(result: dict) -> str:
     """A and B side by side with B - A, its interval and whether it is within noise."""
     a, b = result["a"], result["b"]
-    describe = (lambda s: f"{run_name(s['ckpt'])}, {s['sampler']} {s['steps']} steps, w={s['guidance_scale']:g}")
+    describe = (lambda s: f"{run_name(s['ckpt'])}, {s['sampler']} {s['steps']} steps, w={s['guidance_scale']:g}"
+                + ("" if s.get("use_ema", True) else ", raw weights"))
     lines = [f"A: {describe(a)}", f"B: {describe(b)}",
              f"{result['extractor']} features, n={result['n']}, paired seeds; "
              f"{result['confidence']:.0%} bootstrap intervals ({result['bootstrap']} resamples)"]
