@@ -97,4 +97,5 @@ class BudgetLR(LRScheduler):
         return warm * (1 - (1 - self.final_factor) * decayed)
 
     def get_lr(self) -> list[float]:
-        return [base * self.factor() for base in self.base_lrs]
+        factor = self.factor()
+        return [base * factor for base in self.base_lrs]
