@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import tarfile
+
 import pytest
 import torch
 from PIL import Image
@@ -117,3 +121,33 @@ def test_training_on_precomputed_encodings_never_encodes_a_caption(encoded_shard
     assert trainer.global_step == 3
     captions = {"a photo of a cat", "a photo of a dog", "a photo of a small red bird"}
     assert encoded and not captions & set(encoded)  # only the null and the preview prompts were encoded
+
+
+class Copy:
+    """Unpickling it copies a file (what a pickle payload does)."""
+
+    def __init__(self, src, dst):
+        self.src, self.dst = str(src), str(dst)
+
+    def __reduce__(self):
+        import shutil
+
+        return shutil.copyfile, (self.src, self.dst)
+
+
+def test_shard_members_are_never_unpickled(tmp_path):
+    """webdataset's default decoders would unpickle the .pyd member and torch.load the .pth one."""
+    marker = tmp_path / "payload-ran"
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")
+    members = {"png": png.getvalue(), "cls": b"1", "txt": b"a red square",
+               "pyd": pickle.dumps(Copy(__file__, marker)),
+               "pth": pickle.dumps(Copy(__file__, marker))}
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"sample0.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(ShardedImages(str(tmp_path / "shard-000000.tar"), image_size=8))
+    assert len(samples) == 1 and samples[0]["label"] == 1 and samples[0]["caption"] == "a red square"
+    assert not marker.exists()

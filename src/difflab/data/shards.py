@@ -84,6 +84,30 @@ def shard_urls(urls: str | list[str]) -> list[str]:
     return list(braceexpand.braceexpand(str(urls)))
 
 
+def decode_members(sample: dict) -> dict:
+    """A sample's members as ``_sample`` reads them: ``.cls`` an integer, ``.txt`` text, ``.npy`` arrays (no pickled
+    objects), the image left as bytes; every other member (``.pyd``, ``.pickle``, ``.pth``, ...) is dropped unread.
+    Hand-written rather than ``wds.decode()``, whose default handlers unpickle ``.pyd`` / ``.pickle`` members and
+    ``torch.load`` ``.pth`` ones: a shard is a stranger's file."""
+    import numpy as np
+
+    out = {}
+    for key, value in sample.items():
+        try:
+            if key.startswith("__") or key == "png":
+                out[key] = value
+            elif key == "cls":
+                out[key] = int(value.decode("ascii").strip())
+            elif key == "txt":
+                out[key] = value.decode("utf-8")
+            elif key.endswith(".npy"):
+                out[key] = np.load(io.BytesIO(value), allow_pickle=False)
+        except (ValueError, UnicodeDecodeError) as err:  # np.load refuses object arrays with a ValueError
+            raise UsageError(f"{sample.get('__url__')}:{sample.get('__key__')}.{key} cannot be read as difflab "
+                             f"writes it ({type(err).__name__}: {err})") from err
+    return out
+
+
 def _drop_private_keys(samples):
     """webdataset's map puts ``__key__`` / ``__url__`` back: batches carry only our keys."""
     for sample in samples:
@@ -159,8 +183,8 @@ class ShardedImages(IterableDataset):
                       wds.shuffle(self.shuffle_buffer, rng=rng)]
         else:
             stages = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker, to_samples]
-        # wds.decode() decodes the text, label and .npy members; _sample the image, to name a file it cannot read
-        pipeline = wds.DataPipeline(*stages, wds.decode(), wds.map(self._sample), _drop_private_keys,
+        # decode_members decodes the text, label and .npy members; _sample the image, to name a file it cannot read
+        pipeline = wds.DataPipeline(*stages, wds.map(decode_members), wds.map(self._sample), _drop_private_keys,
                                     *([self._attach_skipped] if skip else []))
         if self.resampled and self.epoch_length:
             info = torch.utils.data.get_worker_info()
