@@ -6,6 +6,7 @@ extractor that fits the data, and the figures with bootstrap confidence interval
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from difflab.metrics.classifier import load_classifier, load_digit_classifier, p
 from difflab.metrics.features import choose_extractor, dataset_name, extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 from difflab.metrics.scores import inception_score, kernel_inception_distance, precision_recall
+from difflab.registry import DATA, build
 
 METRICS = ("fid", "kid", "prc", "isc")
 
@@ -47,13 +49,16 @@ class RealImages:
     validation_labels: Tensor
 
     @classmethod
-    def of(cls, data_cfg: DictConfig, n: int, seed: int = 0) -> RealImages:
-        """From a data config (a run's, or evaluate.py's ``data=``), without random flips."""
-        data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg))  # a copy: resolved and changed here only
+    def of(cls, data_cfg: DictConfig | dict, n: int, seed: int = 0, *, stored: bool = False,
+           trust: Sequence[str] = ()) -> RealImages:
+        """From a data config without random flips: evaluate.py's ``data=`` (the user's own, built by Hydra), or with
+        ``stored`` a run's, read from its checkpoint (built by ``registry.build``: difflab's datasets, or ``trust``)."""
+        data_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(data_cfg)))  # a copy, changed here only
         resolve_folder_config(data_cfg)
         if "random_flip" in data_cfg.get("dataset", {}):
             data_cfg.dataset.random_flip = False  # the real images as stored
-        datamodule = instantiate(data_cfg)
+        datamodule = (build(OmegaConf.to_container(data_cfg), DATA, trust, "the checkpoint", "data") if stored
+                      else instantiate(data_cfg))
         train_set = datamodule.train_set
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
         n = min(n, len(train_set))

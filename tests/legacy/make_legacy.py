@@ -13,18 +13,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from configs import TINY_AUTOENCODER, make_cfg  # noqa: E402
-from network_contract import randomize  # noqa: E402
-
 from difflab.cli.train import run  # noqa: E402
 from difflab.export import export  # noqa: E402
 from difflab.loading import load  # noqa: E402
+from network_contract import randomize  # noqa: E402
 
 # what every fixture is sampled with: labels 1 and 2, two seeds each, 5 DDIM steps
 REQUEST = dict(n=2, label=[1, 2], steps=5, seed=0, progress=False)

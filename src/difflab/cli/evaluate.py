@@ -40,10 +40,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise UsageError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt, device) if cfg.ckpt else None
+    module = load_module(cfg.ckpt, device, trust=cfg.get("trust")) if cfg.ckpt else None
     if module is not None:
         n = cfg.n or DEFAULT_N
-        real = RealImages.of(OmegaConf.create(module.run_config["data"]), n, cfg.seed)
+        real = RealImages.of(module.run_config["data"], n, cfg.seed, stored=True, trust=cfg.get("trust"))
     else:
         with samples_folder():
             n = cfg.n or len(image_files(cfg.samples))
@@ -137,12 +137,13 @@ def compare(cfg: DictConfig) -> dict:
     and B - A with its paired-bootstrap interval."""
     device = resolve_device(cfg.device)
     chosen = settings(cfg)
-    modules = {path: load_module(path, device) for path in dict.fromkeys(s["ckpt"] for s in chosen)}
+    modules = {path: load_module(path, device, trust=cfg.get("trust"))
+               for path in dict.fromkeys(s["ckpt"] for s in chosen)}
     data = [modules[s["ckpt"]].run_config["data"] for s in chosen]
     if data[0] != data[1]:
         raise UsageError("compare needs two models of the same data: their data configs differ")
     n = cfg.n or DEFAULT_N
-    real = RealImages.of(OmegaConf.create(data[0]), n, cfg.seed)
+    real = RealImages.of(data[0], n, cfg.seed, stored=True, trust=cfg.get("trust"))
     default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
     generated = [generate(modules[s["ckpt"]], n, sampler=s["sampler"] or default_sampler, steps=s["steps"],
                           guidance_scale=s["guidance_scale"], seed=cfg.seed + 1, batch_size=cfg.batch_size,

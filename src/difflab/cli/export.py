@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> Path:
     from difflab.export import export
 
     return export(cfg.ckpt, cfg.out, cfg.format, cfg.push_to_hub, use_ema=cfg.use_ema, private=cfg.private,
-                  overwrite=cfg.overwrite)
+                  overwrite=cfg.overwrite, trust=cfg.get("trust"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from difflab.cli.errors import hydra_main
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
@@ -23,8 +23,8 @@ from difflab.plots import pareto_front, plot_quality_cost
 def sweep(cfg: DictConfig) -> tuple[list[dict], dict]:
     """(one row per (sampler, steps): nfe, seconds, fid, fid_interval, within_noise_of_best, pareto, and
     class_accuracy when a judge is at hand; the real-vs-real floor at this n)."""
-    module = load_module(cfg.ckpt, resolve_device(cfg.device))
-    real = RealImages.of(OmegaConf.create(module.run_config["data"]), cfg.n, cfg.seed)
+    module = load_module(cfg.ckpt, resolve_device(cfg.device), trust=cfg.get("trust"))
+    real = RealImages.of(module.run_config["data"], cfg.n, cfg.seed, stored=True, trust=cfg.get("trust"))
     calls = []
     hook = module.pipeline().network.register_forward_pre_hook(lambda *_: calls.append(1))
     rows, sets = [], []

@@ -23,7 +23,7 @@ def run_probe(cfg: DictConfig, module=None):
     """The probe's result for the config (``module``: the checkpoint's, already loaded)."""
     if cfg.probe not in probe.PROBES:
         raise UsageError(f"probe={cfg.probe} is not a probe: valid: {', '.join(probe.PROBES)}")
-    module = module if module is not None else load_module(cfg.ckpt, resolve_device(cfg.device))
+    module = module if module is not None else load_module(cfg.ckpt, resolve_device(cfg.device), trust=cfg.get("trust"))
     if not hasattr(module, "pipeline"):
         raise UsageError(f"{cfg.ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to probe")
     pipe = module.pipeline(use_ema=cfg.use_ema)
@@ -35,7 +35,7 @@ def run_probe(cfg: DictConfig, module=None):
         if prompts is None:
             prompts = text_part(pipe).example_prompts[:4]
         return probe.cross_attention(pipe, prompts, seed=cfg.seed, steps=cfg.steps)
-    batch = probe.real_batch(module.run_config, n=cfg.n, seed=cfg.seed)
+    batch = probe.real_batch(module.run_config, n=cfg.n, seed=cfg.seed, trust=cfg.get("trust"))
     if cfg.probe == "cfg_gap":
         return probe.guidance_gap(pipe, batch, timesteps, seed=cfg.seed)
     return probe.t_response(pipe, batch, timesteps, cfg.reference_t, seed=cfg.seed)

@@ -27,17 +27,19 @@ from difflab.cli.errors import hydra_main
 from difflab.conditioning.base import NoConditioning
 from difflab.data.images import load_image, load_mask
 from difflab.errors import MissingFileError, UsageError
-from difflab.loading import load_module, resolve_device, upgrade_sampler_config
+from difflab.loading import build_sampler, load_module, resolve_device
 from difflab.pipeline import Pipeline
 
 
 def checkpoint_sampler(cfg: DictConfig, module):
-    """(sampler, its config): ``cfg.sampler`` if chosen, else the one the checkpoint was trained with, with
-    ``cfg.steps`` steps if given."""
-    sampler_cfg = OmegaConf.create(module.run_config["sampler"]) if cfg.get("sampler") is None else cfg.sampler
-    sampler_cfg = OmegaConf.merge(sampler_cfg, {"num_steps": cfg.steps} if cfg.get("steps") is not None else {})
-    upgrade_sampler_config(sampler_cfg)
-    return instantiate(sampler_cfg), sampler_cfg
+    """(sampler, its config): ``cfg.sampler`` if chosen, else the one the checkpoint was trained with (built as
+    the file's other parts are: difflab's samplers only), with ``cfg.steps`` steps if given."""
+    steps = {"num_steps": cfg.steps} if cfg.get("steps") is not None else {}
+    if cfg.get("sampler") is not None:  # the user's own config: Hydra's instantiate
+        sampler_cfg = OmegaConf.merge(cfg.sampler, steps)
+        return instantiate(sampler_cfg), sampler_cfg
+    sampler_cfg = {**module.run_config["sampler"], **steps}
+    return build_sampler(sampler_cfg, cfg.get("trust"), str(cfg.ckpt)), OmegaConf.create(sampler_cfg)
 
 
 def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
@@ -70,7 +72,7 @@ def slug(text: str, max_len: int = 60) -> str:
 
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt, device, cfg.get("lora"))
+    module = load_module(cfg.ckpt, device, cfg.get("lora"), cfg.get("trust"))
     pipe = module.pipeline(use_ema=cfg.use_ema)
     sampler, sampler_cfg = checkpoint_sampler(cfg, module)
     asked = requests(cfg)
@@ -87,7 +89,7 @@ def sample(cfg: DictConfig) -> Path:
 
         if not any("label" in r for _, r in asked):
             raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
-        classifier_module = load_module(cfg.classifier_ckpt, device)
+        classifier_module = load_module(cfg.classifier_ckpt, device, trust=cfg.get("trust"))
         if not isinstance(classifier_module, NoisyClassifierModule):
             raise UsageError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
                              "model=classifier)")

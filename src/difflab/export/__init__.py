@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -29,7 +30,8 @@ __all__ = ["FORMATS", "export", "push"]
 
 
 def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to_hub: str | None = None, *,
-           use_ema: bool = True, private: bool | None = None, overwrite: bool = False) -> Path:
+           use_ema: bool = True, private: bool | None = None, overwrite: bool = False,
+           trust: Sequence[str] = ()) -> Path:
     """Export the train.py checkpoint ``ckpt`` to the folder ``out`` (see the module's doc) and, with
     ``push_to_hub=REPO``, upload it. ``format``: diffusers | safetensors; None: diffusers where the run is a
     diffusers pipeline, else safetensors. The folder is written beside ``out`` and renamed into place, so a failed
@@ -43,7 +45,7 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
         raise UsageError(f"unknown format={format!r}; valid: {', '.join(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"out={out} exists and is not an empty folder: choose another out= (or overwrite=true)")
-    module = load_module(ckpt, "cpu")
+    module = load_module(ckpt, "cpu", trust=trust)
     if not isinstance(module, DiffusionModule):
         raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint: only diffusion models are exported")
     network = module.ema if use_ema else module.network

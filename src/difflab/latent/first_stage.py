@@ -12,19 +12,17 @@ samples without the first stage's original file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from difflab.errors import MissingFileError, UsageError
 from difflab.extras import require
 from difflab.nn.autoencoder import Autoencoder
-
-AUTOENCODER_MODULE = "difflab.lightning.AutoencoderModule"
+from difflab.registry import MODEL_PARTS, build
 
 
 class FirstStage(nn.Module):
@@ -93,29 +91,24 @@ class AutoencoderFirstStage(FirstStage):
         self.downsampling_factor = autoencoder.downsampling_factor
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, scale_factor: float | None = None) -> AutoencoderFirstStage:
-        """Load a ``python train.py model=autoencoder`` checkpoint; ``scale_factor`` overrides the stored one."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise MissingFileError(f"first-stage checkpoint not found: {path} (train the autoencoder first: python "
-                                    "train.py model=autoencoder, then first_stage.ckpt=<run>/checkpoints/last.ckpt)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model_config = (checkpoint.get("difflab_config") or {}).get("model") or {}
-        if model_config.get("_target_") != AUTOENCODER_MODULE:
-            raise UsageError(f"{path} is not an autoencoder checkpoint (its model is "
-                             f"{model_config.get('_target_', 'unknown')}); train one with: python train.py "
-                             "model=autoencoder")
-        state = checkpoint["state_dict"]
-        stage = cls.from_config(model_config["autoencoder"],
-                                float(state["latent_scale"]) if scale_factor is None else scale_factor)
-        stage.autoencoder.load_state_dict({k.removeprefix("autoencoder."): v for k, v in state.items()
-                                           if k.startswith("autoencoder.")})
+    def from_checkpoint(cls, path: str | Path, scale_factor: float | None = None,
+                        trust: Sequence[str] = ()) -> AutoencoderFirstStage:
+        """Load a ``python train.py model=autoencoder`` checkpoint; ``scale_factor`` overrides the stored one. Its
+        classes must be difflab's own unless ``trust`` names them (``first_stage.trust=[mypkg.]``)."""
+        from difflab.loading import autoencoder_of
+
+        config, weights, stored_scale = autoencoder_of(path, trust)
+        stage = cls.from_config(config, stored_scale if scale_factor is None else scale_factor, trust)
+        stage.autoencoder.load_state_dict(weights)
         return stage
 
     @classmethod
-    def from_config(cls, autoencoder: dict, scale_factor: float) -> AutoencoderFirstStage:
-        """The architecture from its config node, randomly initialised (weights come from a state dict)."""
-        return cls(instantiate(autoencoder), scale_factor, autoencoder_config=_plain(autoencoder))
+    def from_config(cls, autoencoder: dict, scale_factor: float, trust: Sequence[str] = ()) -> AutoencoderFirstStage:
+        """The architecture from its stored config node, randomly initialised (weights come from a state dict); built
+        by ``registry.build``, as the node comes from a file."""
+        autoencoder = _plain(autoencoder)
+        return cls(build(autoencoder, MODEL_PARTS, trust, "the first stage's autoencoder"), scale_factor,
+                   autoencoder_config=autoencoder)
 
     def moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
         posterior = self.autoencoder.encode(images)
@@ -181,14 +174,15 @@ def _plain(config: dict | DictConfig) -> dict:
 
 
 def load_first_stage(ckpt: str | None = None, pretrained: str | None = None, subfolder: str | None = None,
-                scale_factor: float | None = None, shift_factor: float | None = None,
-                local_files_only: bool = False) -> FirstStage:
-    """The first stage named by exactly one of ``ckpt`` (difflab's autoencoder) or ``pretrained`` (diffusers)."""
+                     scale_factor: float | None = None, shift_factor: float | None = None,
+                     local_files_only: bool = False, trust: Sequence[str] = ()) -> FirstStage:
+    """The first stage named by exactly one of ``ckpt`` (difflab's autoencoder) or ``pretrained`` (diffusers);
+    ``trust``: classes of your own that the checkpoint ``ckpt`` may name."""
     if (ckpt is None) == (pretrained is None):
         raise ValueError(
             "model=ldm needs exactly one first stage: first_stage.ckpt=PATH (a checkpoint of python train.py "
             "model=autoencoder) or first_stage.pretrained=PATH_OR_HUB_ID (a diffusers AutoencoderKL, e.g. "
             "stabilityai/sd-vae-ft-mse)" + ("; both were given" if ckpt is not None else ""))
     if ckpt is not None:
-        return AutoencoderFirstStage.from_checkpoint(ckpt, scale_factor)
+        return AutoencoderFirstStage.from_checkpoint(ckpt, scale_factor, trust)
     return DiffusersFirstStage.from_pretrained(pretrained, subfolder, scale_factor, shift_factor, local_files_only)

@@ -58,7 +58,7 @@ class DiffusionModule(DifflabModule):
         self.finetune = finetune
         if finetune is not None:
             if finetune.base is not None:
-                load_base(network, finetune.base)
+                load_base(network, finetune.base, finetune.trust)
             finetune.apply(network)
         self.network = network
         self.ema = copy.deepcopy(network).requires_grad_(False).eval()

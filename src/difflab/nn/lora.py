@@ -49,13 +49,14 @@ class LoRA:
     """What ``finetune=lora`` configures: ``apply(network)`` injects the adapters and freezes the rest."""
 
     def __init__(self, rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] | None = None,
-                 convs: bool = False, dropout: float = 0.0, base: str | None = None):
+                 convs: bool = False, dropout: float = 0.0, base: str | None = None, trust: Sequence[str] = ()):
         if rank < 1:
             raise UsageError(f"finetune.rank must be >= 1, got {rank}")
         self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
         self.target_modules = list(target_modules) if target_modules else None
         self.convs, self.dropout = convs, float(dropout)
         self.base = base  # a train.py checkpoint whose EMA weights the network starts from (DiffusionModule loads it)
+        self.trust = tuple(trust)  # classes of the user's own that ``base`` may name
 
     def config(self, network: nn.Module):
         targets = self.target_modules or default_targets(network, self.convs)
@@ -81,15 +82,12 @@ class LoRA:
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules, "convs": self.convs}
 
 
-def load_base(network: nn.Module, ckpt: str | Path) -> nn.Module:
+def load_base(network: nn.Module, ckpt: str | Path, trust: Sequence[str] = ()) -> nn.Module:
     """Load the EMA weights of a train.py checkpoint into ``network`` (in place): where fine-tuning starts."""
+    from difflab.loading import ema_network_weights
+
     path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise UsageError(f"finetune.base checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-    weights = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
-    if not weights:
-        raise UsageError(f"{path} holds no EMA network weights: use a checkpoint of python train.py")
+    weights = ema_network_weights(path, trust)
     try:
         network.load_state_dict(weights)
     except RuntimeError as err:

@@ -37,22 +37,23 @@ def diffusion_space(pipe: Pipeline, batch: dict) -> Tensor:
         return pipe.encode(batch["image"].to(pipe.device).float())
 
 
-def real_batch(source, n: int = 16, seed: int = 0, split: str = "val") -> dict:
+def real_batch(source, n: int = 16, seed: int = 0, split: str = "val", trust: Sequence[str] = ()) -> dict:
     """n items of a run's data, collated as training batches are (``image`` in [-1, 1], ``label``, ``caption``).
-    ``source``: a data config, a run config (``module.run_config``) or a train.py checkpoint's path."""
-    from hydra.utils import instantiate
+    ``source``: a run config (``module.run_config``), its data config, or a train.py checkpoint's path; stored
+    configs are built as files are (``registry.build``: difflab's datasets, or ``trust``)."""
     from omegaconf import OmegaConf
     from torch.utils.data import default_collate
 
     from difflab.data.layout import resolve_folder_config
+    from difflab.loading import read_checkpoint
+    from difflab.registry import DATA, build
 
     if isinstance(source, str) or hasattr(source, "is_file"):
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-        source = checkpoint["difflab_config"]
+        source = read_checkpoint(source, trust)["difflab_config"]
     config = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(source)))
     config = config.data if "data" in config else config
     resolve_folder_config(config)
-    datamodule = instantiate(config)
+    datamodule = build(OmegaConf.to_container(config), DATA, trust, "the run config", "data")
     dataset = datamodule.val_set if split == "val" and len(datamodule.val_set) else datamodule.train_set
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     return default_collate([dataset[i] for i in order])
