@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from difflab.cli import CONFIG_DIR
+from difflab.conf import CONFIG_DIR
 from difflab.diffusion.guidance import Conditioned
 
 

@@ -19,9 +19,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from difflab.cli import CONFIG_DIR
-from difflab.cli.train import build
+from difflab.conf import CONFIG_DIR
 from difflab.diffusion.guidance import Conditioned
+from difflab.training import build
 
 
 class StepTimer(L.Callback):

@@ -1,15 +1,30 @@
-"""Training from Python: ``difflab.train("data=digits", "network=tiny", run_dir="runs/a")`` composes the shipped
-config with the same overrides ``python train.py`` takes and runs the same job (checkpoints, samples, metrics.csv in
-``run_dir``), so a notebook or a script trains exactly what the command line would."""
+"""A training run from a composed config (the composition root): ``build`` instantiates its parts, ``run`` fits
+them and leaves the run's files behind. ``python train.py`` parses the command line and calls ``run``;
+``difflab.train("data=digits", "network=tiny", run_dir="runs/a")`` composes the shipped config with the same
+overrides and runs the same job, so a notebook or a script trains exactly what the command line would."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from difflab.errors import MissingFileError, UsageError
+from difflab.files import remove_partial_writes, write_text
 from difflab.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from difflab.lightning.last_checkpoint import LastCheckpoint
 
 
 @dataclass
@@ -48,11 +63,177 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         return hydra_compose(config_name, overrides=list(overrides))
 
 
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """Instantiate data, model, callbacks, loggers and trainer from a composed config (its ``auto`` data values
+    read from the data first, in place, so that the saved config and the checkpoints hold them). The config is the
+    user's own: Hydra's ``instantiate`` builds whatever it names (files read later go through ``registry``)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from difflab.data.layout import resolve_folder_config
+    from difflab.lightning.checkpoint_io import SafeCheckpointIO
+
+    resolve_folder_config(cfg.data)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, _convert_="all")
+    # set after instantiation: passed through instantiate, its _target_ nodes would be built too
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar it was told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    if str(cfg.trainer.get("strategy", "")).startswith("fsdp"):
+        raise UsageError("trainer.strategy=fsdp is not supported: difflab's EMA copy and FSDP's sharded parameters "
+                         "are untested together; use trainer.strategy=ddp")
+    # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()])
+    return model, datamodule, trainer
+
+
+def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """``ckpt_path``: a file to resume from; ``auto``: this run directory's ``checkpoints/last.ckpt`` if it exists
+    (a restarted or requeued job continues, a first run starts fresh); null: start fresh."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from difflab.lightning.last_checkpoint import LastCheckpoint
+
+    if cfg.ckpt_path == "auto":
+        last = LastCheckpoint.checkpoint_path(trainer)
+        if not last.is_file():
+            return None
+        rank_zero_info(f"resuming from {last} (ckpt_path=auto: this run directory's last checkpoint; "
+                       "ckpt_path=null starts afresh)")
+        return str(last)
+    if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
+        raise MissingFileError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
+    return cfg.ckpt_path
+
+
+def warn_if_config_changed(previous: DictConfig, cfg: DictConfig) -> None:
+    """ckpt_path=auto resumes whatever this run directory holds: say so when its run had another config (a longer
+    ``trainer.max_steps`` is a usual reason; a reused directory for another experiment is not)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    after = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    # a moved or copied run directory: the paths under its old location read as the same paths under the new one
+    moved_from, moved_to = previous.get("paths", {}).get("output_dir"), after.get("paths.output_dir")
+    before = {key: value.replace(moved_from, moved_to) if isinstance(value, str) and moved_from else value
+              for key, value in _flatten(OmegaConf.to_container(previous, resolve=False)).items()}
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and not k.startswith(("paths.", "ckpt_path")))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        rank_zero_warn(f"resuming a run whose config differs from this one: {shown}{more}. To start afresh, "
+                       "use another run directory or ckpt_path=null.")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of this job (a multirun: this point's), as Hydra recorded them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def stopped_by_signal(trainer: L.Trainer) -> LastCheckpoint | None:
+    """The callback that stopped training on a preemption signal, if one did."""
+    from difflab.lightning.last_checkpoint import LastCheckpoint
+
+    return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint) and c.interrupted), None)
+
+
+def run(cfg: DictConfig) -> L.Trainer:
+    """Train as ``python train.py`` does: seed, build, hold the run directory, fit (resuming per ``ckpt_path``)."""
+    import lightning as L
+
+    # the EMA copy is meant to stay in eval mode while the network trains
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # lightning 2.6 on torch 2.14 warns about its own pytree use at every fit: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    L.seed_everything(cfg.seed, workers=True)
+    model, datamodule, trainer = build(cfg)
+    with locked_run_directory(trainer):
+        fit(cfg, model, datamodule, trainer)
+    return trainer
+
+
+def fit(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule, trainer: L.Trainer) -> None:
+    """Resume or start, train, and write what a finished (or preempted) run leaves behind."""
+    from difflab.lightning.loggers import finish_wandb_runs
+
+    ckpt_path = resume_path(cfg, trainer)
+    if ckpt_path is not None:  # a resumed run's checkpoints folder holds checkpoints: that is the point
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    config_file = os.path.join(trainer.default_root_dir, "config.yaml")
+    if trainer.is_global_zero:
+        if ckpt_path is not None and cfg.ckpt_path == "auto" and os.path.isfile(config_file):
+            warn_if_config_changed(OmegaConf.load(config_file), cfg)
+        write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True))
+        # a finished run writes it again; a stale one would read as this run's result
+        Path(trainer.default_root_dir, METRICS_FILE).unlink(missing_ok=True)
+    for logger in trainer.loggers:  # the composed config on every dashboard (hparams.yaml, W&B config, ...)
+        logger.log_hyperparams(model.run_config)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb_runs(trainer.loggers)
+    stopped = stopped_by_signal(trainer)
+    if stopped is not None:  # preempted: last.ckpt is written; the signal's owner (submitit: requeue) acts now
+        stopped.pass_on_signal()
+    elif trainer.is_global_zero:  # a finished run's final metrics, for sweep summaries
+        write_final_metrics(trainer.default_root_dir, trainer.callback_metrics, trainer.global_step,
+                            task_overrides())
+
+
+@contextmanager
+def locked_run_directory(trainer: L.Trainer) -> Iterator[None]:
+    """On global rank zero, hold the run directory's lock while training (a second live process there is refused,
+    a dead one's lock taken over) and clear the partial files a killed predecessor left."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from difflab.lightning.last_checkpoint import LastCheckpoint
+    from difflab.run_lock import RunLock
+
+    if not trainer.is_global_zero:
+        yield
+        return
+    lock = RunLock(trainer.default_root_dir).acquire()
+    try:
+        if lock.took_over is not None:
+            rank_zero_info(f"took over the run directory from process {lock.took_over.get('pid')} on "
+                           f"{lock.took_over.get('host')}, which is no longer running")
+        for folder in (trainer.default_root_dir, LastCheckpoint.checkpoint_path(trainer).parent):
+            remove_partial_writes(folder)
+        yield
+    finally:
+        lock.release()
+
+
+METRICS_FILE = "metrics.json"
+
+
+def write_final_metrics(run_dir: str | os.PathLike, metrics: dict, global_step: int,
+                        overrides: list[str]) -> Path:
+    """``run_dir/metrics.json``: the run's last value of each logged metric, its step and its overrides."""
+    values = {}
+    for key, value in metrics.items():
+        value = float(value)
+        values[key] = value if math.isfinite(value) else str(value)  # JSON has no nan / inf
+    path = Path(run_dir) / METRICS_FILE
+    write_text(path, json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
+                                indent=2) + "\n")
+    return path
+
+
 def train(*overrides: str, run_dir: str | Path, progress: bool = True) -> TrainedRun:
     """Train as ``python train.py OVERRIDES`` would, writing into ``run_dir`` (resumed if it holds a run, as
     ``ckpt_path=auto``). ``progress=False`` hides the progress bar (logs and scripts)."""
-    from difflab.cli.train import run
-
     run_dir = Path(run_dir).expanduser().resolve()
     extra = [f"paths.output_dir={run_dir}"]
     if not progress:
@@ -62,4 +243,4 @@ def train(*overrides: str, run_dir: str | Path, progress: bool = True) -> Traine
     return TrainedRun(trainer.lightning_module, trainer, run_dir)
 
 
-__all__ = ["TrainedRun", "compose", "train"]
+__all__ = ["TrainedRun", "build", "compose", "run", "train"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,24 +19,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.files import atomic_write, write_text
+from difflab.training import METRICS_FILE, write_final_metrics  # noqa: F401 (the sweep's runs write it)
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
-
-
-def write_final_metrics(run_dir: str | os.PathLike, metrics: dict, global_step: int,
-                        overrides: list[str]) -> Path:
-    """``run_dir/metrics.json``: the run's last value of each logged metric, its step and its overrides."""
-    values = {}
-    for key, value in metrics.items():
-        value = float(value)
-        values[key] = value if math.isfinite(value) else str(value)  # JSON has no nan / inf
-    path = Path(run_dir) / METRICS_FILE
-    write_text(path, json.dumps({"global_step": global_step, "overrides": list(overrides), "metrics": values},
-                                indent=2) + "\n")
-    return path
-
-
 def _split(override: str) -> tuple[str, str]:
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
