@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import difflab
-from difflab.cli.train import build
 from difflab.conditioning.base import NoConditioning
 from difflab.diffusion import EpsilonPrediction, NoiseSchedule, VPrediction, get_sampler
 from difflab.evaluation import RealImages, Scorer, generate, judge_correct
 from difflab.metrics.classifier import load_digit_classifier
 from difflab.metrics.features import DigitFeatures
-from difflab.pipeline import Pipeline
+from difflab.model import DiffusionModel
+from difflab.training import build
 
 PEERS = ("difflab", "difflab_uncond", "diffusers", "lucidrains")
 MARKS = (1 / 12, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0)
@@ -61,7 +61,7 @@ class Run:
     steps: dict[float, int] = field(default_factory=dict)
     batch_size: int = 0
     parameters: int = 0
-    pipeline: object = None  # snapshot state dict -> a Pipeline (or a module for difflab's runs)
+    pipeline: object = None  # snapshot state dict -> a Pipeline (or a DiffusionModel for difflab's runs)
     scores: dict = field(default_factory=dict)
 
 
@@ -112,7 +112,7 @@ def train_difflab(name: str, budget_s: float, marks, out: Path, *overrides: str)
 
     def pipeline(state):
         model.ema.load_state_dict(state)
-        return model
+        return model.diffusion_model()
 
     run.pipeline = pipeline
     return run
@@ -184,8 +184,8 @@ def train_diffusers(budget_s: float, marks, images: torch.Tensor) -> Run:
 
     def pipeline(state):
         shadow.load_state_dict(state)
-        return Pipeline(Network(shadow, lambda net, x, t: net(x, t).sample), schedule, EpsilonPrediction(),
-                        get_sampler("ddim"), NoConditioning(), image_shape=(1, 32, 32))
+        return DiffusionModel(Network(shadow, lambda net, x, t: net(x, t).sample), schedule, EpsilonPrediction(),
+                              get_sampler("ddim"), NoConditioning(), image_shape=(1, 32, 32)).pipeline()
 
     run.pipeline = pipeline
     return run
@@ -216,8 +216,8 @@ def train_lucidrains(budget_s: float, marks, images: torch.Tensor) -> Run:
 
     def pipeline(state):
         shadow.load_state_dict(state)
-        return Pipeline(Network(shadow, lambda net, x, t: net(x, t)), schedule, VPrediction(),
-                        get_sampler("ddim"), NoConditioning(), image_shape=(1, 32, 32))
+        return DiffusionModel(Network(shadow, lambda net, x, t: net(x, t)), schedule, VPrediction(),
+                              get_sampler("ddim"), NoConditioning(), image_shape=(1, 32, 32)).pipeline()
 
     run.pipeline = pipeline
     return run
@@ -226,7 +226,7 @@ def train_lucidrains(budget_s: float, marks, images: torch.Tensor) -> Run:
 def samples(run: Run, state: dict, sampler, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n samples in [-1, 1] (and the classes asked for), seeds 0..n-1: every snapshot and peer on the same noise."""
     made = run.pipeline(state)
-    if isinstance(made, L.LightningModule):
+    if isinstance(made, DiffusionModel):
         generated = generate(made, n, sampler=sampler, progress=False)
         return generated.images, generated.labels
     images = made(n=n, sampler=sampler, seed=list(range(n)), batch_size=250, progress=False)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from omegaconf import OmegaConf
 
-from difflab.cli.sample import checkpoint_sampler
-from difflab.loading import load_module
+from difflab.loading import load_model
 from difflab.metrics.classifier import conditional_accuracy, load_digit_classifier, mnist_split, predict
 
 
@@ -29,9 +27,9 @@ def main() -> None:
     classifier = load_digit_classifier()
     _, _, test_x, test_y = mnist_split()
     test_accuracy = (predict(classifier, test_x).argmax(-1) == test_y).float().mean().item()
-    module = load_module(args.ckpt)
-    sampler, _ = checkpoint_sampler(OmegaConf.create({"steps": args.steps}), module)
-    results = conditional_accuracy(module, classifier, args.scales, args.per_class, prompt_template=args.prompt,
+    model = load_model(args.ckpt)
+    sampler = model.pipeline().resolve_sampler(None, args.steps)
+    results = conditional_accuracy(model, classifier, args.scales, args.per_class, prompt_template=args.prompt,
                                    sampler=sampler)
     print(f"classifier test accuracy on 1000 held-out real digits: {test_accuracy:.3f}")
     print(f"{args.ckpt}: {args.per_class} samples per digit, {sampler.name} {sampler.num_steps} steps")

@@ -73,7 +73,7 @@ def test_two_process_ddp_matches_single_process_semantics(tmp_path):
     checkpoint = torch.load(ddp_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == STEPS
     state = checkpoint["state_dict"]
-    network = torch.cat([state[f"network.{name}"].flatten() for name in ranks[0]["names"]])
+    network = torch.cat([state[f"model.network.{name}"].flatten() for name in ranks[0]["names"]])
     ema = torch.cat([state[f"ema.{name}"].flatten() for name in ranks[0]["names"]])
     torch.testing.assert_close(network, ranks[0]["final_params"])
     torch.testing.assert_close(ema, ranks[0]["final_ema"])

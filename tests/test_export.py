@@ -17,7 +17,7 @@ from difflab.cli.train import run
 from difflab.diffusion.samplers import get_sampler
 from difflab.errors import UsageError
 from difflab.export import export
-from difflab.loading import load, load_module
+from difflab.loading import load, load_model, load_module
 from network_contract import randomize
 
 diffusers = pytest.importorskip("diffusers")
@@ -82,12 +82,12 @@ def test_difflab_networks_export_as_safetensors_and_load_back(class_ckpt, tmp_pa
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.rglob("*") if p.is_file())  # shareable
     assert json.loads((out / "difflab.json").read_text())["format"] == "safetensors"
     assert not (out / "model_index.json").exists()
-    module, exported = load_module(class_ckpt), load_module(out)
+    module, exported = load_module(class_ckpt), load_model(out)
     # the network through PyTorchModelHubMixin: config.json + model.safetensors, equal to the EMA weights
     network = UNet.from_pretrained(out / "unet")
     for name, tensor in module.ema.state_dict().items():
         assert torch.equal(network.state_dict()[name], tensor), name
-        assert torch.equal(exported.ema.state_dict()[name], tensor), name
+        assert torch.equal(exported.network.state_dict()[name], tensor), name
     expected = load(class_ckpt, device="cpu")(n=2, label=[3, 7], seed=0, steps=3, progress=False)
     got = load(out, device="cpu")(n=2, label=[3, 7], seed=0, steps=3, progress=False)
     assert torch.equal(got, expected)
@@ -114,8 +114,8 @@ def test_lora_adapters_are_merged_at_export(tmp_path):
     base = train(tmp_path / "base")
     lora = train(tmp_path / "lora", "finetune=lora", f"finetune.base={base}", "finetune.rank=2")
     out = export(lora, tmp_path / "exported")
-    exported = load_module(out)
-    assert exported.finetune is None
+    exported = load_model(out)
+    assert exported.run_config["model"]["finetune"] is None
     assert not [name for name in exported.state_dict() if "lora_" in name]
     expected = load(lora, device="cpu")(n=2, seed=0, steps=3, progress=False)
     got = load(out, device="cpu")(n=2, seed=0, steps=3, progress=False)
@@ -188,7 +188,7 @@ def test_a_folder_that_is_not_an_export_is_refused_naming_what_it_is(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")
     with pytest.raises(UsageError, match="diffusers pipeline.*network.pretrained=DIR"):
-        load_module(tmp_path / "pipeline")
+        load_model(tmp_path / "pipeline")
     (tmp_path / "other").mkdir()
     with pytest.raises(UsageError, match="without difflab.json"):
-        load_module(tmp_path / "other")
+        load_model(tmp_path / "other")

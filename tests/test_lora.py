@@ -125,8 +125,7 @@ def test_sample_py_puts_an_adapter_onto_its_base(base_run, lora_run, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     adapter = save_adapter(ema, module.finetune, tmp_path / "adapter.safetensors")
     request = dict(n=2, label=3, seed=0, steps=3, progress=False)
-    pipe = module.pipeline()
-    pipe.network = ema
+    pipe = module.diffusion_model().with_network(ema).pipeline()
     expected = pipe(**request)
     got = load(base_run, device="cpu", lora=adapter)(**request)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

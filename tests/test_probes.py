@@ -18,6 +18,7 @@ from difflab.conditioning import ClassConditioner, TextConditioner
 from difflab.data.gmm import GaussianMixture
 from difflab.diffusion import NoiseSchedule, get_prediction, get_sampler
 from difflab.errors import UsageError
+from difflab.model import DiffusionModel
 from difflab.nn import DiT, UNet
 from difflab.nn.unet import ResBlock
 from difflab.pipeline import Pipeline
@@ -26,8 +27,8 @@ SIZE = 16
 
 
 def pipeline(network: nn.Module, conditioner=None, prediction: str = "epsilon") -> Pipeline:
-    return Pipeline(network, NoiseSchedule.linear(1000), get_prediction(prediction), get_sampler("ddim", num_steps=3),
-                    conditioner, image_shape=(1, SIZE, SIZE))
+    return DiffusionModel(network, NoiseSchedule.linear(1000), get_prediction(prediction),
+                          get_sampler("ddim", num_steps=3), conditioner, image_shape=(1, SIZE, SIZE)).pipeline()
 
 
 def perturbed_unet(**kwargs) -> UNet:

@@ -13,7 +13,7 @@ from configs import make_cfg, sample_cfg
 from difflab.cli.sample import sample
 from difflab.cli.train import run
 from difflab.export import export
-from difflab.loading import load, load_module
+from difflab.loading import load, load_model
 from tiny_sd import WIDTH, tiny_sd_overrides, write_images, write_sd_repo
 
 diffusers = pytest.importorskip("diffusers")
@@ -82,7 +82,7 @@ def test_the_run_exports_as_a_stable_diffusion_pipeline(sd_run, tmp_path):
     assert (ours - theirs).abs().max() <= 1e-4
     assert ours.std() > 0.01
     # the folder alone (its own text encoder, VAE and UNet) gives the same images
-    exported = load_module(out)
+    exported = load_model(out)
     assert exported.conditioner.encoder.padding == "max_length"
     again = exported.pipeline()(prompt=prompts, noise=latents, steps=4, progress=False)
     torch.testing.assert_close(again, ours, atol=1e-6, rtol=0)
@@ -92,15 +92,16 @@ def test_what_stable_diffusion_pipelines_cannot_express_is_refused(sd_run):
     from difflab.export.diffusers_format import unsupported
 
     _, module = sd_run
-    assert unsupported(module, module.ema) is None
+    model = module.diffusion_model()
+    assert unsupported(model) is None
     encoder = module.conditioner.encoder
     try:
         encoder.padding = "longest"  # masked prompts: not what StableDiffusionPipeline feeds the UNet
-        assert "text_encoder.padding=max_length" in unsupported(module, module.ema)
+        assert "text_encoder.padding=max_length" in unsupported(model)
     finally:
         encoder.padding = "max_length"
     try:
         module.conditioner.pooled = True
-        assert "conditioning.pooled=false" in unsupported(module, module.ema)
+        assert "conditioning.pooled=false" in unsupported(model)
     finally:
         module.conditioner.pooled = False

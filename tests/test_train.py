@@ -10,7 +10,8 @@ import torch
 from hydra.utils import instantiate
 
 from configs import TINY_AUTOENCODER, TINY_LATENT_NETWORK, make_cfg, options, write_shards
-from difflab.cli.train import build, run
+from difflab.loading import load_model, load_module
+from difflab.training import build, run
 
 GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "timestep_sampler", "loss",
           "finetune", "model", "optim", "lr_scheduler", "trainer", "logger", "callbacks", "conditioning",
@@ -73,6 +74,11 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         assert model(batch["image"], torch.zeros(len(batch["image"]), dtype=torch.long)).shape == (16, 10)
         return
     assert batch["image"].shape[1:] == model.pipeline().pixel_shape
+    # what the option writes into a checkpoint is what the safe loader builds (registry.MODEL_PARTS / DATA)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "saved.ckpt")
+    assert load_model(tmp_path / "saved.ckpt").pixel_shape == model.pipeline().pixel_shape
 
 
 def untrained_autoencoder_checkpoint(tmp_path: Path) -> Path:
@@ -124,7 +130,12 @@ def test_every_experiment_preset_trains_a_step(tmp_path, preset):
                           f"data.class_root={tmp_path / 'class'}", "data.num_class_images=2"]
     trainer = run(make_cfg(tmp_path, *overrides))
     assert trainer.global_step == 1
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "samples").is_dir()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (tmp_path / "samples").is_dir()
+    if preset == "mnist_autoencoder":  # the safe loader rebuilds what the preset wrote
+        assert load_module(ckpt).autoencoder is not None
+    else:
+        assert load_model(ckpt).pipeline()(n=1, steps=2, progress=False).shape[0] >= 1
 
 
 @pytest.mark.slow

@@ -7,12 +7,12 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "TrainedRun", "compose", "load", "load_module", "train"]
+__all__ = ["DiffusionModel", "Pipeline", "TrainedRun", "compose", "load", "load_model", "load_module", "train"]
 
 
 def __getattr__(name: str):
     # lazy (PEP 562): `import difflab.cli.train` should not pay for the sampling stack it does not use
-    if name in ("load", "load_module"):
+    if name in ("load", "load_model", "load_module"):
         from difflab import loading
 
         return getattr(loading, name)
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from difflab import training
 
         return getattr(training, name)
+    if name == "DiffusionModel":
+        from difflab.model import DiffusionModel
+
+        return DiffusionModel
     if name == "Pipeline":
         from difflab.pipeline import Pipeline
 

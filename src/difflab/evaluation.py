@@ -32,6 +32,7 @@ from difflab.metrics.classifier import load_classifier, load_digit_classifier, p
 from difflab.metrics.features import choose_extractor, dataset_name, extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 from difflab.metrics.scores import inception_score, kernel_inception_distance, precision_recall
+from difflab.model import DiffusionModel
 from difflab.registry import DATA, build
 
 METRICS = ("fid", "kid", "prc", "isc")
@@ -82,28 +83,29 @@ class Generated:
     settings: dict = field(default_factory=dict)
 
 
-def generate(module, n: int, *, sampler=None, steps: int | None = None, guidance_scale: float | None = None,
-             seed: int = 0, batch_size: int = 250, progress: bool = True, use_ema: bool = True) -> Generated:
-    """n samples of a trained module (its EMA weights, or with ``use_ema=False`` the raw ones) under its
-    conditioner's balanced examples (every class or prompt equally often); sample k has seed ``seed + k`` whatever
-    the settings, so two settings are paired sample by sample."""
-    pipe = module.pipeline(use_ema=use_ema)
+def generate(model: DiffusionModel, n: int, *, sampler=None, steps: int | None = None,
+             guidance_scale: float | None = None, seed: int = 0, batch_size: int = 250,
+             progress: bool = True) -> Generated:
+    """n samples of a trained model under its conditioner's balanced examples (every class or prompt equally
+    often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample."""
+    pipe = model.pipeline()
     sampler = pipe.resolve_sampler(sampler, steps)
-    conditions = module.conditioner.examples(n, module.device)
+    conditions = model.conditioner.examples(n, model.device)
     images = pipe(condition=conditions or None, n=None if conditions else n, sampler=sampler,
                   seed=[seed + k for k in range(n)], guidance_scale=guidance_scale, batch_size=batch_size,
                   progress=progress)
-    scale = pipe.guidance_scale if guidance_scale is None else guidance_scale
     labels = conditions.get("class_labels")
     return Generated(images.float().cpu() * 2 - 1, None if labels is None else labels.cpu(),
-                     {"sampler": sampler.name, "steps": sampler.num_steps, "guidance_scale": scale, "use_ema": use_ema})
+                     {"sampler": sampler.name, "steps": sampler.num_steps,
+                      "guidance_scale": pipe.resolve_guidance(guidance_scale)})
 
 
-def class_judge(classifier: str | None, dataset, class_names: list[str] | None) -> tuple[nn.Module | None, str]:
+def class_judge(classifier: str | None, dataset, class_names: list[str] | None,
+                trust: Sequence[str] = ()) -> tuple[nn.Module | None, str]:
     """(the classifier that checks generated classes, what it is): ``classifier`` (a path) if given, the shipped
     MNIST classifier for MNIST, else none (and why)."""
     if classifier:
-        judge, names = load_classifier(classifier)
+        judge, names = load_classifier(classifier, trust)
         if names and class_names and list(names) != list(class_names):
             raise UsageError(f"{classifier} knows the classes {names}, the model {class_names}: train the classifier "
                              "on the model's data")

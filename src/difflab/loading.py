@@ -1,5 +1,12 @@
-"""Checkpoints back into models: ``difflab.load(path)`` gives the Pipeline of a train.py checkpoint, of a folder
-written by ``python -m difflab.export`` or of a Hub repository holding one."""
+"""The one reader of models, and the layout of what train.py writes: ``difflab.load(path)`` gives the Pipeline of a
+train.py checkpoint, of a folder written by ``python -m difflab.export`` or of a Hub repository holding one
+(``hf://owner/name``); ``load_model`` the ``DiffusionModel`` itself, ``load_module`` a checkpoint's LightningModule.
+
+Every file is someone else's: stored configs are rebuilt by ``registry.build`` (difflab's classes only, unless the
+caller trusts more), weights are read with ``torch.load(weights_only=True)`` or safetensors, an exported folder
+points only into itself, and the Hub is reached only when asked. No other module knows the checkpoint's keys
+(``difflab_config``, ``difflab_network``, the ``model.`` / ``ema.`` / ``autoencoder.`` prefixes of its weights).
+"""
 
 from __future__ import annotations
 
@@ -16,35 +23,126 @@ from difflab import registry
 from difflab.errors import MissingFileError, UsageError
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from difflab.model import DiffusionModel
     from difflab.pipeline import Pipeline
 
+# ---- what train.py writes into a checkpoint (besides Lightning's own keys) ----------------------------------------
+RUN_CONFIG = "difflab_config"  # the composed run config (plain containers)
+NETWORK_SPEC = "difflab_network"  # a network built from outside files (network=diffusers_unet): its architecture
+FIRST_STAGE_SPEC = "difflab_first_stage"  # latent diffusion: the first stage's architecture (its weights are below)
+LAYOUT = "difflab_layout"  # 2: a DiffusionModule's weights under model. and ema.; absent: 1, the parts at the top
+DIFFUSION_MODULES = {"difflab.lightning.DiffusionModule", "difflab.lightning.LatentDiffusionModule"}
+CLASSIFIER_MODULE = "difflab.lightning.NoisyClassifierModule"
+AUTOENCODER_MODULE = "difflab.lightning.AutoencoderModule"
+MODEL_PARTS = ("network", "schedule", "prediction", "sampler", "conditioner", "first_stage")
 
-def load_module(ckpt: str | Path, device: str | torch.device = "cpu", lora: str | Path | None = None,
-                trust: Sequence[str] = ()):
-    """Rebuild the trained LightningModule from the run config stored in a train.py checkpoint (or an exported
-    folder, or ``hf://owner/name``), with its weights; ``lora``: a LoRA adapter file
-    (``<run>/lora/adapter.safetensors``) put onto its EMA and raw networks. Only classes difflab knows are built
+
+def store_run_config(checkpoint: dict, run_config: dict | None) -> None:
+    """Keep the run config in a checkpoint (the LightningModules' ``on_save_checkpoint``)."""
+    if run_config is not None:
+        checkpoint[RUN_CONFIG] = run_config
+
+
+def store_architectures(checkpoint: dict, model: DiffusionModel) -> None:
+    """Keep what rebuilds the model without its original files: the architectures of a network from a pretrained
+    folder and of the first stage, and the layout of the weights."""
+    checkpoint[LAYOUT] = 2
+    spec = getattr(model.network, "spec", None)
+    if callable(spec):
+        checkpoint[NETWORK_SPEC] = spec()
+    if model.first_stage is not None:
+        checkpoint[FIRST_STAGE_SPEC] = model.first_stage.spec()
+
+
+def upgrade_checkpoint(checkpoint: dict) -> None:
+    """A DiffusionModule checkpoint of an earlier layout in today's, in place (for resuming and for reading)."""
+    checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+    checkpoint[LAYOUT] = 2
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """Layout 1 (the module held network / conditioner / first_stage) -> 2 (they live in its ``model``)."""
+    if any(key.startswith("model.") for key in state):
+        return state
+    moved = ("network.", "conditioner.", "first_stage.")
+    return {("model." + key if key.startswith(moved) else key): value for key, value in state.items()}
+
+
+def model_weights(state: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """A DiffusionModule's weights as its ``DiffusionModel``'s, with the EMA network (or the raw one)."""
+    state = upgrade_state_dict(state)
+    network = "ema." if use_ema else "model.network."
+    out = {key.removeprefix("model."): value for key, value in state.items()
+           if key.startswith("model.") and not key.startswith("model.network.")}
+    out.update({"network." + key.removeprefix(network): value for key, value in state.items()
+                if key.startswith(network)})
+    return out
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", *, use_ema: bool = True,
+               lora: str | Path | None = None, trust: Sequence[str] = ()) -> DiffusionModel:
+    """The ``DiffusionModel`` of a train.py checkpoint, an exported folder or a Hub repository, with its EMA weights
+    (``use_ema=False``: the raw ones; an export holds one set), in eval mode on ``device``; ``lora``: a LoRA adapter
+    file (``<run>/lora/adapter.safetensors``) put onto the network. Only classes difflab knows are built
     (``registry``); ``trust``: prefixes of classes of your own the file may name too (``["mypkg."]``)."""
-    module = _load_module(ckpt, registry.as_trust(trust))
+    trust = registry.as_trust(trust)
+    path = locate(source)
+    if path.is_dir():
+        config, weights, run_config = read_exported(path, trust)
+        model = diffusion_model_from_config(config, trust, str(path), run_config)
+    else:
+        checkpoint = read_checkpoint(path, trust)
+        model = diffusion_model_from_config(checkpoint_model_config(checkpoint), trust, str(path),
+                                            checkpoint[RUN_CONFIG])
+        weights = model_weights(checkpoint["state_dict"], use_ema)
+    model.load_state_dict(weights)
     if lora is not None:
         from difflab.nn.lora import load_adapter
 
-        if not hasattr(module, "ema"):
-            raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint: LoRA adapters go onto diffusion models")
-        for network in (module.ema, module.network):
-            load_adapter(network, lora)
+        load_adapter(model.network, lora)
+    return model.to(device).eval()
+
+
+def load_module(ckpt: str | Path, device: str | torch.device = "cpu", trust: Sequence[str] = ()):
+    """The LightningModule of a train.py checkpoint (its training state: both networks of a diffusion model, an
+    autoencoder, a classifier), rebuilt as ``load_model`` builds models; in eval mode on ``device``."""
+    trust = registry.as_trust(trust)
+    path = locate(ckpt)
+    if path.is_dir():
+        raise UsageError(f"{path} is an exported folder: it holds the model, not a training state; load it with "
+                         "difflab.load (or difflab.loading.load_model)")
+    checkpoint = read_checkpoint(path, trust)
+    config = checkpoint_model_config(checkpoint)
+    module = model_from_config(config, trust, str(path))
+    if config.get("_target_") in DIFFUSION_MODULES:
+        upgrade_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.run_config = checkpoint[RUN_CONFIG]
     return module.to(device).eval()
 
 
-def _load_module(ckpt: str | Path, trust: tuple[str, ...]):
-    path = locate(ckpt)
-    if path.is_dir():
-        return load_exported(path, trust)
-    checkpoint = read_checkpoint(path, trust)
-    module = model_from_config(checkpoint_model_config(checkpoint), trust, str(path))
-    module.load_state_dict(checkpoint["state_dict"])
-    module.run_config = checkpoint["difflab_config"]
-    return module
+def load_classifier_network(path: str | Path, trust: Sequence[str] = (),
+                            what: str = "noisy classifier") -> tuple[nn.Module, list[str] | None]:
+    """(the network, the class names or None) of a ``python train.py model=classifier`` checkpoint: a noisy
+    classifier ``network(x_t, t) -> logits``, in eval mode; ``what`` the caller wants it as, for the refusal."""
+    checkpoint = read_checkpoint(path, trust, "classifier checkpoint")
+    config = checkpoint[RUN_CONFIG]["model"]
+    if config.get("_target_") != CLASSIFIER_MODULE:
+        clean = " model.clean=true data=..." if what == "classifier" else ""
+        raise UsageError(f"{path} is a {_short(config.get('_target_'))} checkpoint, not a {what} (train one: "
+                         f"python train.py model=classifier{clean})")
+    network = registry.build(config["network"], registry.MODEL_PARTS, trust, str(path), "model.network")
+    network.load_state_dict({k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()
+                             if k.startswith("network.")})
+    return network.eval(), (checkpoint[RUN_CONFIG].get("data") or {}).get("class_names")
+
+
+def _short(target) -> str:
+    return str(target).rsplit(".", 1)[-1] if target else "unknown"
 
 
 # an exported folder (difflab.export): the model's config, and the weights its sub-models' folders do not hold
@@ -103,7 +201,7 @@ def read_checkpoint(path: str | Path, trust: Sequence[str] = (), what: str = "ch
                          f"({type(err).__name__}: {one_line(err)})") from err
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{path} is not a train.py checkpoint (it holds a {type(checkpoint).__name__})")
-    run_config = checkpoint.get("difflab_config")
+    run_config = checkpoint.get(RUN_CONFIG)
     if not isinstance(run_config, dict) or not isinstance(run_config.get("model"), dict):
         raise UsageError(f"{path} has no difflab run config: was it written by difflab's train.py?")
     if not isinstance(checkpoint.get("state_dict"), dict):
@@ -115,20 +213,25 @@ def read_checkpoint(path: str | Path, trust: Sequence[str] = (), what: str = "ch
     return checkpoint
 
 
+def run_config_of(checkpoint: dict) -> dict:
+    """The run config a checkpoint read by ``read_checkpoint`` was trained with."""
+    return checkpoint[RUN_CONFIG]
+
+
 def checkpoint_model_config(checkpoint: dict) -> dict:
     """The model config a checkpoint is rebuilt from: the run's ``model`` node, with the architectures the
     checkpoint stores in place of the files or Hub ids its network and first stage came from."""
-    model_config = dict(checkpoint["difflab_config"]["model"])
-    if "difflab_network" in checkpoint:  # a network from outside files (network=diffusers_unet): its architecture
-        model_config["network"] = checkpoint["difflab_network"]
-    if "difflab_first_stage" in checkpoint:  # latent diffusion: the first stage's architecture, weights below
-        model_config["first_stage"] = checkpoint["difflab_first_stage"]
+    model_config = dict(checkpoint[RUN_CONFIG]["model"])
+    if NETWORK_SPEC in checkpoint:  # a network from outside files (network=diffusers_unet): its architecture
+        model_config["network"] = checkpoint[NETWORK_SPEC]
+    if FIRST_STAGE_SPEC in checkpoint:  # latent diffusion: the first stage's architecture, weights below
+        model_config["first_stage"] = checkpoint[FIRST_STAGE_SPEC]
     return model_config
 
 
 def ema_network_weights(path: str | Path, trust: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """The EMA network's weights of a train.py checkpoint (where fine-tuning starts), by the network's own names."""
-    state = read_checkpoint(path, trust, "finetune.base checkpoint")["state_dict"]
+    state = upgrade_state_dict(read_checkpoint(path, trust, "finetune.base checkpoint")["state_dict"])
     weights = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
     if not weights:
         raise UsageError(f"{path} holds no EMA network weights: use a checkpoint of python train.py")
@@ -143,8 +246,8 @@ def autoencoder_of(path: str | Path, trust: Sequence[str] = ()) -> tuple[dict, d
         raise MissingFileError(f"first-stage checkpoint not found: {path} (train the autoencoder first: python "
                                 "train.py model=autoencoder, then first_stage.ckpt=<run>/checkpoints/last.ckpt)")
     checkpoint = read_checkpoint(path, trust, "first-stage checkpoint")
-    model_config = checkpoint["difflab_config"]["model"]
-    if model_config.get("_target_") != "difflab.lightning.AutoencoderModule":
+    model_config = checkpoint[RUN_CONFIG]["model"]
+    if model_config.get("_target_") != AUTOENCODER_MODULE:
         raise UsageError(f"{path} is not an autoencoder checkpoint (its model is "
                          f"{model_config.get('_target_', 'unknown')}); train one with: python train.py "
                          "model=autoencoder")
@@ -168,6 +271,48 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for name in files for k, v in load_file(str(inside(folder, name, folder))).items()}
 
 
+# ---- writing an exported folder (python -m difflab.export) ----------------------------------------------------
+
+def model_config(model: DiffusionModel) -> dict:
+    """The model's config as ``difflab.load`` rebuilds it from the folder alone: architectures instead of the
+    files or Hub ids the weights came from, and no fine-tuning (adapters are merged)."""
+    config = dict(model.run_config["model"])
+    spec = getattr(model.network, "spec", None)
+    if callable(spec):
+        config["network"] = spec()
+    if model.first_stage is not None:
+        config["first_stage"] = model.first_stage.spec()
+    config["finetune"] = None
+    return config
+
+
+def text_encoder_from_folder(config: dict) -> list[str]:
+    """Point the model config's text encoder at the folder's ``text_encoder/`` and ``tokenizer/`` (a diffusers
+    text-to-image folder holds them); returns the config keys that are paths relative to the folder."""
+    encoder = (config.get("conditioner") or {}).get("encoder") or {}
+    if "name_or_path" not in encoder:  # minilm: shipped in its package
+        return []
+    encoder.update(name_or_path=".", subfolder="text_encoder", tokenizer_subfolder="tokenizer", local_files_only=True)
+    return ["conditioner.encoder.name_or_path"]
+
+
+def write_exported(model: DiffusionModel, components: dict[str, str], folder: Path, format: str,
+                   source: str | Path) -> None:
+    """The files ``read_exported`` reads beside the sub-models' folders (``components``: {model path: sub-folder},
+    written by the export): ``difflab.json`` and ``difflab.safetensors`` (the weights no sub-folder holds)."""
+    from safetensors.torch import save_file
+
+    held = ("network.", *(f"{path}." for path in components))
+    rest = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(held)}
+    if rest:
+        save_file(rest, str(folder / EXPORT_WEIGHTS))
+    run_config = {**model.run_config, "model": model_config(model)}
+    relative = text_encoder_from_folder(run_config["model"]) if (folder / "text_encoder").is_dir() else []
+    info = {"version": EXPORT_VERSION, "format": format, "components": components, "relative_paths": relative,
+            "source": str(source), "model": run_config["model"], "run_config": run_config}
+    (folder / EXPORT_CONFIG).write_text(json.dumps(info, indent=2))
+
+
 def inside(folder: Path, relative: str, root: Path) -> Path:
     """``folder / relative``, refused unless it lies inside ``root`` (an exported folder points only into itself)."""
     if not isinstance(relative, str):
@@ -182,10 +327,10 @@ def inside(folder: Path, relative: str, root: Path) -> Path:
 RELATIVE_PATHS = frozenset({"conditioner.encoder.name_or_path", "conditioner.parts.text.encoder.name_or_path"})
 
 
-def load_exported(folder: Path, trust: tuple[str, ...] = ()):
-    """The LightningModule of an exported folder: built from its ``difflab.json``, the weights of each sub-model
-    from its folder (``unet/``, ``vae/``, ...) and the rest from ``difflab.safetensors``. The exported network is
-    both the EMA and the raw network. Every file it names lies inside it."""
+def read_exported(folder: Path, trust: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(the model config, the ``DiffusionModel``'s weights, the run config) of an exported folder: its
+    ``difflab.json``, the weights of each sub-model from its folder (``unet/``, ``vae/``, ...) and the rest from
+    ``difflab.safetensors``. Every file it names lies inside it."""
     from safetensors.torch import load_file
 
     config_file = folder / EXPORT_CONFIG
@@ -211,19 +356,16 @@ def load_exported(folder: Path, trust: tuple[str, ...] = ()):
             node[leaf] = str(inside(folder, node[leaf], folder))
             node["local_files_only"] = True
     _refuse_outside_paths(model_config, folder)
-    module = model_from_config(model_config, trust, str(folder))
+    registry.check({k: v for k, v in model_config.items() if k not in TRAINING_ONLY}, registry.MODEL_PARTS, trust,
+                   str(folder), "model")
     rest = folder / EXPORT_WEIGHTS
-    state = load_file(str(rest)) if rest.is_file() else {}
+    weights = {k: v for k, v in (load_file(str(rest)) if rest.is_file() else {}).items() if k != "ema_updates"}
     components = info.get("components", {})
     if not isinstance(components, dict):
         raise UsageError(f"{config_file}: components is not a mapping of weights to sub-folders")
     for path, subfolder in components.items():
-        weights = read_weights(inside(folder, subfolder, folder))
-        owners = [path] if path.split(".")[0] != "network" else [path, "ema" + path.removeprefix("network")]
-        state.update({f"{owner}.{k}": v for owner in owners for k, v in weights.items()})
-    module.load_state_dict(state)
-    module.run_config = info.get("run_config") or {"model": info["model"]}
-    return module
+        weights.update({f"{path}.{k}": v for k, v in read_weights(inside(folder, subfolder, folder)).items()})
+    return model_config, weights, info.get("run_config") or {"model": info["model"]}
 
 
 def _parent(config: dict, key: str) -> tuple[dict | None, str, str]:
@@ -257,9 +399,15 @@ TRAINING_ONLY = ("optimizer", "lr_scheduler")
 
 
 def model_from_config(model_config: dict, trust: Sequence[str] = (), source: str = "the file"):
-    """The LightningModule of a stored model config (a checkpoint's or an export's), built by ``registry.build``:
-    only difflab's classes (and ``trust``ed ones). What only training uses is left out: the optimizer and LR
-    schedule, the LoRA base run, the latent cache folder."""
+    """The LightningModule of a stored model config, built by ``registry.build``: only difflab's classes (and
+    ``trust``ed ones). What only training uses is left out: the optimizer and LR schedule, the LoRA base run, the
+    latent cache folder."""
+    return registry.build(_without_training(model_config), registry.MODEL_PARTS, trust, source, "model")
+
+
+def _without_training(model_config: dict) -> dict:
+    """A stored model config without what rebuilding it must not build or read: the optimizer and LR schedule, the
+    LoRA base run, the latent cache folder; its sampler node upgraded."""
     model_config = dict(model_config)
     if isinstance(model_config.get("sampler"), dict):
         model_config["sampler"] = upgrade_sampler_config(dict(model_config["sampler"]))
@@ -270,7 +418,31 @@ def model_from_config(model_config: dict, trust: Sequence[str] = (), source: str
         model_config["finetune"] = {**model_config["finetune"], "base": None, "trust": []}
     if "latent_cache_dir" in model_config:
         model_config["latent_cache_dir"] = None
-    return registry.build(model_config, registry.MODEL_PARTS, trust, source, "model")
+    return model_config
+
+
+def diffusion_model_from_config(model_config: dict, trust: Sequence[str] = (), source: str = "the file",
+                                run_config: dict | None = None) -> DiffusionModel:
+    """The ``DiffusionModel`` of a stored DiffusionModule config, its parts built by ``registry.build``: the
+    network (with its LoRA adapters, whose weights the file holds), schedule, prediction, sampler, conditioner
+    and first stage; nothing of training."""
+    from difflab.model import DiffusionModel
+
+    target = model_config.get("_target_")
+    if target not in DIFFUSION_MODULES:
+        raise UsageError(f"{source} is a {_short(target)} checkpoint, not a diffusion model: nothing to sample")
+    config = _without_training(model_config)
+    registry.check({k: config.get(k) for k in (*MODEL_PARTS, "finetune")}, registry.MODEL_PARTS, trust, source,
+                   "model")
+    parts = {key: registry.build(config[key], registry.MODEL_PARTS, trust, source, f"model.{key}")
+             for key in MODEL_PARTS if config.get(key) is not None}
+    if config.get("finetune"):
+        registry.build(config["finetune"], registry.MODEL_PARTS, trust, source, "model.finetune").apply(
+            parts["network"])
+    return DiffusionModel(parts["network"], parts["schedule"], parts["prediction"], parts["sampler"],
+                          parts.get("conditioner"), guidance_scale=config.get("guidance_scale", 1.0),
+                          image_shape=config.get("image_shape") or (1, 32, 32), first_stage=parts.get("first_stage"),
+                          image_size=config.get("image_size"), run_config=run_config)
 
 
 def build_sampler(node: dict, trust: Sequence[str] = (), source: str = "the file"):
@@ -305,7 +477,4 @@ def load(ckpt: str | Path, device: str | torch.device = "auto", use_ema: bool = 
     """The Pipeline of a train.py checkpoint, an exported folder or a Hub repository holding one (``hf://owner/name``):
     EMA weights by default, on ``device`` (auto: CUDA, MPS or CPU); ``lora``: a LoRA adapter file put onto the
     network. The file's classes must be difflab's own unless ``trust`` names them (``["mypkg."]``)."""
-    module = load_module(ckpt, resolve_device(device), lora, trust)
-    if not hasattr(module, "pipeline"):
-        raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint, not a diffusion model: nothing to sample")
-    return module.pipeline(use_ema=use_ema)
+    return load_model(ckpt, resolve_device(device), use_ema=use_ema, lora=lora, trust=trust).pipeline()

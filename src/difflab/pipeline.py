@@ -17,68 +17,65 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from difflab.conditioning.base import ClassConditioner, Condition, Conditioner, MultiConditioner, NoConditioning
+from difflab.conditioning.base import ClassConditioner, Condition, MultiConditioner, NoConditioning
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.editing import noise_to_start, repaint, strength_start_index
 from difflab.diffusion.guidance import ClassifierFreeGuidance, ClassifierGuidance, Conditioned
 from difflab.diffusion.noise import randn
-from difflab.diffusion.parameterization import Prediction
 from difflab.diffusion.samplers import Sampler, get_sampler, require_invertible
-from difflab.diffusion.schedules import NoiseSchedule
 from difflab.errors import UsageError
 from difflab.files import atomic_write
+from difflab.model import DiffusionModel
 
 ImageInput = Tensor | str | Path
 
 
 class Pipeline:
-    """A trained denoising network with its schedule, parameterisation, conditioner, default sampler and guidance
-    (and, for latent models, the first stage that maps images to the diffusion space and back).
+    """Generation from a ``DiffusionModel``: its network with the schedule, parameterisation, conditioner, default
+    sampler and guidance (and, for latent models, the first stage that maps images to the diffusion space and back).
 
     Images in and out are (N, C, H, W) in [0, 1] on the pipeline's device. Every sample has its own generator
     (seed + its index, on the CPU), so a seed gives the same sample whatever the batch size or device.
     """
 
-    def __init__(self, network: nn.Module, schedule: NoiseSchedule, prediction: Prediction, sampler: Sampler,
-                 conditioner: Conditioner | None = None, *, guidance_scale: float = 1.0,
-                 image_shape: Sequence[int] = (1, 32, 32),  # (C, H, W) of the diffusion space
-                 first_stage: nn.Module | None = None,  # latent models: encode / decode / downsampling_factor
-                 image_size: int | None = None):  # latent models: the pixel resolution
-        self.network, self.schedule, self.prediction, self.sampler = network, schedule, prediction, sampler
-        self.conditioner = conditioner if conditioner is not None else NoConditioning()
-        self.guidance_scale = guidance_scale
-        self.image_shape = tuple(image_shape)
-        self.first_stage = first_stage
-        self.pixel_shape = (first_stage.in_channels, image_size, image_size) if first_stage else self.image_shape
+    def __init__(self, model: DiffusionModel):
+        self.model = model
+
+    # the model's parts, as the samplers, probes and callers read them
+    network = property(lambda self: self.model.network)
+    schedule = property(lambda self: self.model.schedule)
+    prediction = property(lambda self: self.model.prediction)
+    sampler = property(lambda self: self.model.sampler)
+    conditioner = property(lambda self: self.model.conditioner)
+    guidance_scale = property(lambda self: self.model.guidance_scale)
+    image_shape = property(lambda self: self.model.image_shape)
+    pixel_shape = property(lambda self: self.model.pixel_shape)
+    first_stage = property(lambda self: self.model.first_stage)
 
     # ---- devices and modes ------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+        return self.model.device
 
     def to(self, device: torch.device | str) -> Pipeline:
-        for module in (self.network, self.conditioner, self.first_stage):
-            if module is not None:
-                module.to(device)
+        self.model.to(device)
         return self
 
     @contextmanager
     def _eval(self):
-        """The networks in eval mode and without gradients for the duration, their modes restored afterwards."""
-        modules = [m for m in (self.network, self.conditioner, self.first_stage) if m is not None]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
+        """The model in eval mode and without gradients for the duration, its mode restored afterwards."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.train(mode)
+            for m, mode in modes.items():
+                m.training = mode
 
     # ---- the diffusion space ------------------------------------------------------------------------
 
@@ -103,6 +100,22 @@ class Pipeline:
         """The pipeline's sampler, one of ``conf/sampler`` by name, or the one given; with ``steps`` steps."""
         sampler = self.sampler if sampler is None else get_sampler(sampler) if isinstance(sampler, str) else sampler
         return sampler if steps is None else sampler.with_steps(steps)
+
+    def resolve_guidance(self, guidance_scale: float | None = None) -> float:
+        """The classifier-free guidance scale a call uses: the one asked for, else the model's default."""
+        return self.guidance_scale if guidance_scale is None else float(guidance_scale)
+
+    @staticmethod
+    def resolve_strength(strength: float | None, inpainting: bool) -> float:
+        """The editing strength a call uses: the one asked for, else diffusers' defaults (inpainting 1.0,
+        image-to-image 0.8)."""
+        return (1.0 if inpainting else 0.8) if strength is None else float(strength)
+
+    def read_images(self, image: ImageInput, mask: bool = False) -> Tensor:
+        """An image argument (a file, or (N, C, H, W) in [0, 1]) as the pipeline reads it: (N, C, H, W) in [0, 1] at
+        the model's resolution and channels (``mask``: {0, 1}, 1 = regenerate)."""
+        x = self._images(image, None, mask=mask)
+        return x if mask else (x + 1) / 2
 
     def conditions(self, n: int | None, label=None, prompt=None, condition: Condition | None = None,
                    unconditional: bool = False) -> tuple[Condition | None, list[int], Tensor | None]:
@@ -218,17 +231,19 @@ class Pipeline:
         count = len(index)
         if classifier is not None and labels is None:
             raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
+        if classifier is None and labels is not None and isinstance(self.conditioner, NoConditioning):
+            raise UsageError("this is an unconditional model: drop label= (or guide it toward a class with a noisy "
+                             "classifier: classifier=, sample.py classifier_ckpt=PATH)")
         if mask is not None and init_image is None:
-            raise UsageError("inpainting needs the image to inpaint: pass init_image= with mask=")
+            raise UsageError("mask= needs the image to inpaint: pass init_image= with mask=")
         if noise is not None and tuple(noise.shape) != (count, *self.image_shape):
             raise UsageError(f"noise of shape {tuple(noise.shape)}, expected {(count, *self.image_shape)}")
         sampler = self.resolve_sampler(sampler, steps)
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        scale = self.resolve_guidance(guidance_scale)
         generators = self._generators(count, index, seed, generator)
         init = self._images(init_image, count)
         masks = self._images(mask, count, mask=True)
-        if strength is None:
-            strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting / image-to-image defaults
+        strength = self.resolve_strength(strength, mask is not None)
         out = []
         with self._eval():
             for start in tqdm(range(0, count, batch_size), desc="sampling", leave=False,
@@ -275,8 +290,8 @@ class Pipeline:
         if not condition:
             model = Conditioned(self.network, null)
         else:
-            scale = self.guidance_scale if guidance_scale is None else guidance_scale
-            model = ClassifierFreeGuidance(self.network, condition, null, scale, guidance_rescale)
+            model = ClassifierFreeGuidance(self.network, condition, null, self.resolve_guidance(guidance_scale),
+                                           guidance_rescale)
         return Denoiser(model, self.schedule, self.prediction)
 
     @staticmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from difflab.errors import UsageError
@@ -52,6 +52,20 @@ _trusted: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("trus
 
 class UntrustedTargetError(UsageError):
     """A stored description names a class or function that difflab does not build from files."""
+
+
+def describe(factory: Callable[..., Any], recursive: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """The stored description that ``build`` turns back into ``factory(**kwargs)`` (what a model's ``spec()`` writes
+    into a checkpoint); ``recursive=False``: the factory gets its dict arguments unbuilt."""
+    node: dict[str, Any] = {"_target_": f"{factory.__module__}.{factory.__qualname__}"}
+    if not recursive:
+        node["_recursive_"] = False
+    return {**node, **kwargs}
+
+
+def target_of(node: Any) -> str | None:
+    """The dotted name a description's node is built by (None for a plain value)."""
+    return node.get("_target_") if isinstance(node, dict) else None
 
 
 def targets(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:

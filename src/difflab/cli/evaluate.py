@@ -19,11 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli.errors import hydra_main
-from difflab.cli.sample import checkpoint_sampler
+from difflab.cli.sample import chosen_sampler
 from difflab.data.images import image_files, load_images
 from difflab.errors import UsageError
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
-from difflab.loading import load_module, resolve_device
+from difflab.loading import load_model, resolve_device
 
 DEFAULT_N = 1000  # generated images when n is not given (a checkpoint)
 SETTING_KEYS = ("ckpt", "sampler", "steps", "guidance_scale", "use_ema")
@@ -40,10 +40,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise UsageError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt, device, trust=cfg.get("trust")) if cfg.ckpt else None
-    if module is not None:
+    model = load_model(cfg.ckpt, device, use_ema=cfg.use_ema, trust=cfg.get("trust")) if cfg.ckpt else None
+    if model is not None:
         n = cfg.n or DEFAULT_N
-        real = RealImages.of(module.run_config["data"], n, cfg.seed, stored=True, trust=cfg.get("trust"))
+        real = RealImages.of(model.run_config["data"], n, cfg.seed, stored=True, trust=cfg.get("trust"))
     else:
         with samples_folder():
             n = cfg.n or len(image_files(cfg.samples))
@@ -53,13 +53,12 @@ def evaluate(cfg: DictConfig) -> dict:
         result["notes"].append(f"the data has {len(real.images)} training images: {n} samples are scored against "
                                f"{len(real.images)} real ones, and there is no real-vs-real floor")
     labels = None
-    if module is not None:
-        sampler, sampler_cfg = checkpoint_sampler(cfg, module)
-        generated = generate(module, n, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=cfg.seed + 1,
-                             batch_size=cfg.batch_size, progress=cfg.progress, use_ema=cfg.use_ema)
+    if model is not None:
+        sampler, sampler_cfg = chosen_sampler(cfg, model)
+        generated = generate(model, n, sampler=sampler, guidance_scale=cfg.guidance_scale, seed=cfg.seed + 1,
+                             batch_size=cfg.batch_size, progress=cfg.progress)
         fake, labels = generated.images, generated.labels
-        result.update(ckpt=str(cfg.ckpt), sampler=OmegaConf.to_container(sampler_cfg),
-                      guidance_scale=generated.settings["guidance_scale"])
+        result.update(ckpt=str(cfg.ckpt), sampler=sampler_cfg, guidance_scale=generated.settings["guidance_scale"])
     else:
         with samples_folder():
             folder = load_images(cfg.samples, real.images.shape[1], real.images.shape[-1], n)
@@ -72,7 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
     scoring = scorer(cfg, real)
     correct = None
     if labels is not None:
-        judge, about = class_judge(cfg.classifier, real.dataset, module.pipeline().class_names)
+        judge, about = class_judge(cfg.classifier, real.dataset, model.pipeline().class_names, cfg.get("trust"))
         if judge is None:
             result["notes"].append(about)
         else:
@@ -80,8 +79,8 @@ def evaluate(cfg: DictConfig) -> dict:
             result["classifier"] = about
             result["class_accuracy_real"] = judge_correct(judge, real.validation, real.validation_labels).mean().item()
     result.update(extractor=scoring.extractor.name, **scoring.score([fake], correct).sets[0], **scoring.floor())
-    if cfg.get("clip_model") and module is not None and hasattr(module.conditioner, "example_prompts"):
-        result["clip_score"] = clip_score(cfg, module.conditioner.example_prompts, (fake + 1) / 2)
+    if cfg.get("clip_model") and model is not None and hasattr(model.conditioner, "example_prompts"):
+        result["clip_score"] = clip_score(cfg, model.conditioner.example_prompts, (fake + 1) / 2)
     result.update(confidence=cfg.confidence, bootstrap=cfg.bootstrap, warnings=scoring.warnings)
     return result
 
@@ -137,24 +136,28 @@ def compare(cfg: DictConfig) -> dict:
     and B - A with its paired-bootstrap interval."""
     device = resolve_device(cfg.device)
     chosen = settings(cfg)
-    modules = {path: load_module(path, device, trust=cfg.get("trust"))
-               for path in dict.fromkeys(s["ckpt"] for s in chosen)}
-    data = [modules[s["ckpt"]].run_config["data"] for s in chosen]
+    models = {key: load_model(key[0], device, use_ema=key[1], trust=cfg.get("trust"))
+              for key in dict.fromkeys((s["ckpt"], bool(s["use_ema"])) for s in chosen)}
+    chosen_models = [models[s["ckpt"], bool(s["use_ema"])] for s in chosen]
+    data = [model.run_config["data"] for model in chosen_models]
     if data[0] != data[1]:
         raise UsageError("compare needs two models of the same data: their data configs differ")
     n = cfg.n or DEFAULT_N
     real = RealImages.of(data[0], n, cfg.seed, stored=True, trust=cfg.get("trust"))
     default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
-    generated = [generate(modules[s["ckpt"]], n, sampler=s["sampler"] or default_sampler, steps=s["steps"],
+    generated = [generate(model, n, sampler=s["sampler"] or default_sampler, steps=s["steps"],
                           guidance_scale=s["guidance_scale"], seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                          progress=cfg.progress, use_ema=s["use_ema"]) for s in chosen]
+                          progress=cfg.progress) for model, s in zip(chosen_models, chosen, strict=True)]
+    for g, s in zip(generated, chosen, strict=True):
+        g.settings["use_ema"] = s["use_ema"]
     labels = [g.labels for g in generated]
     if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
         raise UsageError("compare needs the same conditions for A and B (models with the same classes)")
     scoring = scorer(cfg, real)
     correct, notes = None, []
     if labels[0] is not None:
-        judge, note = class_judge(cfg.classifier, real.dataset, modules[chosen[0]["ckpt"]].pipeline().class_names)
+        judge, note = class_judge(cfg.classifier, real.dataset, chosen_models[0].pipeline().class_names,
+                                  cfg.get("trust"))
         if judge is not None:
             correct = [judge_correct(judge, g.images, g.labels) for g in generated]
         else:

@@ -16,24 +16,24 @@ from omegaconf import DictConfig
 
 from difflab.cli.errors import hydra_main
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
-from difflab.loading import load_module, resolve_device
+from difflab.loading import load_model, resolve_device
 from difflab.plots import pareto_front, plot_quality_cost
 
 
 def sweep(cfg: DictConfig) -> tuple[list[dict], dict]:
     """(one row per (sampler, steps): nfe, seconds, fid, fid_interval, within_noise_of_best, pareto, and
     class_accuracy when a judge is at hand; the real-vs-real floor at this n)."""
-    module = load_module(cfg.ckpt, resolve_device(cfg.device), trust=cfg.get("trust"))
-    real = RealImages.of(module.run_config["data"], cfg.n, cfg.seed, stored=True, trust=cfg.get("trust"))
+    model = load_model(cfg.ckpt, resolve_device(cfg.device), trust=cfg.get("trust"))
+    real = RealImages.of(model.run_config["data"], cfg.n, cfg.seed, stored=True, trust=cfg.get("trust"))
     calls = []
-    hook = module.pipeline().network.register_forward_pre_hook(lambda *_: calls.append(1))
+    hook = model.network.register_forward_pre_hook(lambda *_: calls.append(1))
     rows, sets = [], []
     try:
         for name in cfg.samplers:
             for steps in cfg.steps:
                 calls.clear()
                 start = time.perf_counter()
-                generated = generate(module, cfg.n, sampler=name, steps=steps, guidance_scale=cfg.guidance_scale,
+                generated = generate(model, cfg.n, sampler=name, steps=steps, guidance_scale=cfg.guidance_scale,
                                      seed=cfg.seed + 1, batch_size=cfg.batch_size, progress=cfg.progress)
                 batches = -(-cfg.n // cfg.batch_size)
                 rows.append({"sampler": name, "steps": steps, "nfe": len(calls) / batches,
@@ -43,7 +43,7 @@ def sweep(cfg: DictConfig) -> tuple[list[dict], dict]:
         hook.remove()
     scoring = Scorer(instantiate(cfg.extractor), real, ("fid",), cfg.batch_size, bootstrap=cfg.bootstrap,
                      level=cfg.confidence, seed=cfg.seed, progress=cfg.progress)
-    judge, _ = class_judge(cfg.classifier, real.dataset, module.pipeline().class_names) \
+    judge, _ = class_judge(cfg.classifier, real.dataset, model.pipeline().class_names, cfg.get("trust")) \
         if sets[0].labels is not None else (None, None)
     correct = None if judge is None else [judge_correct(judge, g.images, g.labels) for g in sets]
     scores = scoring.score([g.images for g in sets], correct)

@@ -25,21 +25,22 @@ from torchvision.utils import make_grid, save_image
 
 from difflab.cli.errors import hydra_main
 from difflab.conditioning.base import NoConditioning
-from difflab.data.images import load_image, load_mask
+from difflab.diffusion.samplers import Sampler
 from difflab.errors import MissingFileError, UsageError
-from difflab.loading import build_sampler, load_module, resolve_device
+from difflab.loading import load_classifier_network, load_model, resolve_device
+from difflab.model import DiffusionModel
 from difflab.pipeline import Pipeline
 
 
-def checkpoint_sampler(cfg: DictConfig, module):
-    """(sampler, its config): ``cfg.sampler`` if chosen, else the one the checkpoint was trained with (built as
-    the file's other parts are: difflab's samplers only), with ``cfg.steps`` steps if given."""
+def chosen_sampler(cfg: DictConfig, model: DiffusionModel) -> tuple[Sampler, dict]:
+    """(sampler, its config for settings.json): ``cfg.sampler`` if chosen (the user's own config), else the one the
+    model was trained with, with ``cfg.steps`` steps if given."""
     steps = {"num_steps": cfg.steps} if cfg.get("steps") is not None else {}
-    if cfg.get("sampler") is not None:  # the user's own config: Hydra's instantiate
+    if cfg.get("sampler") is not None:
         sampler_cfg = OmegaConf.merge(cfg.sampler, steps)
-        return instantiate(sampler_cfg), sampler_cfg
-    sampler_cfg = {**module.run_config["sampler"], **steps}
-    return build_sampler(sampler_cfg, cfg.get("trust"), str(cfg.ckpt)), OmegaConf.create(sampler_cfg)
+        return instantiate(sampler_cfg), OmegaConf.to_container(sampler_cfg)
+    stored = (model.run_config or {}).get("model", {}).get("sampler") or {}
+    return model.pipeline().resolve_sampler(None, cfg.get("steps")), {**stored, **steps}
 
 
 def requests(cfg: DictConfig) -> list[tuple[str, dict]]:
@@ -72,43 +73,33 @@ def slug(text: str, max_len: int = 60) -> str:
 
 def sample(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt, device, cfg.get("lora"), cfg.get("trust"))
-    pipe = module.pipeline(use_ema=cfg.use_ema)
-    sampler, sampler_cfg = checkpoint_sampler(cfg, module)
+    model = load_model(cfg.ckpt, device, use_ema=cfg.use_ema, lora=cfg.get("lora"), trust=cfg.get("trust"))
+    pipe = model.pipeline()
+    sampler, sampler_cfg = chosen_sampler(cfg, model)
     asked = requests(cfg)
-    unconditional_model = isinstance(pipe.conditioner, NoConditioning)
-    if asked != [("", {})] and unconditional_model and not cfg.get("classifier_ckpt"):
-        raise UsageError(f"{cfg.ckpt} is an unconditional model: drop prompt= / label= (or guide it with a noisy "
-                         "classifier: classifier_ckpt=PATH label=K)")
-    if cfg.get("unconditional") and asked != [("", {})]:
-        raise UsageError("unconditional=true samples the null condition: drop prompt= / label=")
-    guidance = pipe.guidance_scale if cfg.get("guidance_scale") is None else cfg.guidance_scale
     classifier = None
     if cfg.get("classifier_ckpt"):
-        from difflab.lightning.classifier_module import NoisyClassifierModule
-
-        if not any("label" in r for _, r in asked):
-            raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
-        classifier_module = load_module(cfg.classifier_ckpt, device, trust=cfg.get("trust"))
-        if not isinstance(classifier_module, NoisyClassifierModule):
-            raise UsageError(f"{cfg.classifier_ckpt} is not a noisy classifier (train one: python train.py "
-                             "model=classifier)")
-        classifier = classifier_module.network
-    editing = editing_inputs(cfg, pipe)
+        classifier, _ = load_classifier_network(cfg.classifier_ckpt, cfg.get("trust"))
+        classifier = classifier.to(device)
     grid_name = f"_{sampler.sigma_schedule}" if sampler.sigma_schedule else ""  # heun_karras_12steps_seed0
     # a checkpoint's samples go to its run directory; an exported folder's (or Hub repository's) to ./generated/NAME
     ckpt = Path(cfg.ckpt)
     generated = ckpt.resolve().parent.parent / "generated" if ckpt.is_file() else Path("generated") / ckpt.name
     out = Path(cfg.out) if cfg.out else generated / f"{sampler.name}{grid_name}_{sampler.num_steps}steps_seed{cfg.seed}"
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.get("invert"):
-        return invert_and_regenerate(cfg, pipe, sampler, asked, guidance, out)
+        if cfg.get("init_image"):
+            raise UsageError("give invert=PATH (DDIM inversion) or init_image=PATH (image-to-image / inpainting), "
+                             "not both")
+        return invert_and_regenerate(cfg, pipe, sampler, asked, out)
+    editing = {key: cfg.get(key) for key in ("init_image", "mask", "strength") if cfg.get(key) is not None}
+    if cfg.get("mask"):
+        editing["resample"] = int(cfg.get("resample", 1))
     rows = []
     for stem, request in asked:  # seeds seed, seed + 1, ...: the same noise for every prompt
-        images = pipe(cfg.n, **request, unconditional=bool(cfg.get("unconditional")), guidance_scale=guidance,
-                      guidance_rescale=cfg.guidance_rescale, sampler=sampler, seed=cfg.seed, classifier=classifier,
-                      classifier_scale=cfg.classifier_scale, batch_size=cfg.batch_size, progress=cfg.progress,
-                      **editing).float().cpu()
+        images = pipe(cfg.n, **request, unconditional=bool(cfg.get("unconditional")),
+                      guidance_scale=cfg.get("guidance_scale"), guidance_rescale=cfg.guidance_rescale,
+                      sampler=sampler, seed=cfg.seed, classifier=classifier, classifier_scale=cfg.classifier_scale,
+                      batch_size=cfg.batch_size, progress=cfg.progress, **editing).float().cpu()
         names = [f"{stem}_{i:03d}_seed{cfg.seed + i}.png" if stem else f"{i:04d}_seed{cfg.seed + i}.png"
                  for i in range(len(images))]
         Pipeline.save(images, out, names)
@@ -116,50 +107,35 @@ def sample(cfg: DictConfig) -> Path:
     written = cfg.n * len(rows)
     nrow = cfg.n if len(rows) > 1 or editing else math.ceil(math.sqrt(cfg.n))
     if editing:  # a first row with the input (and the masked input, the region to regenerate in grey)
-        init = editing["init_image"].cpu()
-        shown = [init] + ([init * (1 - editing["mask"].cpu()) + 0.5 * editing["mask"].cpu()] if "mask" in editing
-                          else [])
+        init = pipe.read_images(cfg.init_image).cpu()
+        shown = [init]
+        if cfg.get("mask"):
+            mask = pipe.read_images(cfg.mask, mask=True).cpu()
+            shown.append(init * (1 - mask) + 0.5 * mask)
         nrow = max(nrow, len(shown))
         rows.insert(0, padded_row([x[0] for x in shown], nrow))
     save_image(make_grid(torch.cat(rows), nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "n": cfg.n, "seed": cfg.seed, "use_ema": cfg.use_ema,
-                "sampler": OmegaConf.to_container(sampler_cfg), "device": str(device),
+                "sampler": sampler_cfg, "device": str(device),
                 "prompts": [r["prompt"] for _, r in asked if "prompt" in r] or None,
                 "labels": [r["label"] for _, r in asked if "label" in r] or None,
                 "unconditional": bool(cfg.get("unconditional")),
-                "guidance_scale": guidance, "guidance_rescale": cfg.guidance_rescale,
+                "guidance_scale": pipe.resolve_guidance(cfg.get("guidance_scale")),
+                "guidance_rescale": cfg.guidance_rescale,
                 "classifier_ckpt": cfg.get("classifier_ckpt"), "classifier_scale": cfg.get("classifier_scale"),
                 "init_image": cfg.get("init_image"), "mask": cfg.get("mask"),
-                "strength": editing.get("strength"), "resample": editing.get("resample")}
+                "strength": pipe.resolve_strength(cfg.get("strength"), cfg.get("mask") is not None)
+                if editing else None, "resample": editing.get("resample")}
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {written} samples and grid.png to {out}")
     return out
 
 
-def editing_inputs(cfg: DictConfig, pipe: Pipeline) -> dict:
-    """The pipeline's editing arguments from ``init_image=``, ``strength=``, ``mask=``, ``resample=``."""
-    if cfg.get("mask") and not cfg.get("init_image"):
-        raise UsageError("mask= needs the image to inpaint: init_image=PATH")
-    if cfg.get("invert") and cfg.get("init_image"):
-        raise UsageError("give invert=PATH (DDIM inversion) or init_image=PATH (image-to-image / inpainting), not both")
-    if not cfg.get("init_image"):
-        return {}
-    channels, size = pipe.pixel_shape[0], pipe.pixel_shape[-1]
-    editing = {"init_image": (load_image(cfg.init_image, channels, size) + 1) / 2}
-    if cfg.get("mask"):
-        editing["mask"] = load_mask(cfg.mask, size)
-        editing["resample"] = int(cfg.get("resample", 1))
-    default_strength = 1.0 if "mask" in editing else 0.8  # diffusers' inpainting / image-to-image defaults
-    editing["strength"] = default_strength if cfg.get("strength") is None else float(cfg.strength)
-    return editing
-
-
 def invert_and_regenerate(cfg: DictConfig, pipe: Pipeline, sampler, asked: list[tuple[str, dict]],
-                          guidance: float, out: Path) -> Path:
+                          out: Path) -> Path:
     """DDIM-invert ``cfg.invert`` under the source prompt / label, then regenerate it under each asked one
     (the source itself when none is asked: a reconstruction)."""
-    channels, size = pipe.pixel_shape[0], pipe.pixel_shape[-1]
-    image = (load_image(cfg.invert, channels, size) + 1) / 2
+    image = pipe.read_images(cfg.invert)
     source = {}
     if cfg.get("source_prompt") is not None:
         source["prompt"] = str(cfg.source_prompt)
@@ -168,16 +144,18 @@ def invert_and_regenerate(cfg: DictConfig, pipe: Pipeline, sampler, asked: list[
     conditional = not isinstance(pipe.conditioner, NoConditioning)
     x_T = pipe.invert(image, **(source if conditional else {}), sampler=sampler, progress=cfg.progress)
     edits = []
+    out.mkdir(parents=True, exist_ok=True)
     for stem, request in (asked if asked != [("", {})] else [("reconstruction", source)]):
-        scale = 1.0 if stem == "reconstruction" else guidance
+        scale = 1.0 if stem == "reconstruction" else cfg.get("guidance_scale")
         edited = pipe(noise=x_T, **(request if conditional else {}), unconditional=conditional and not request,
                       sampler=sampler, guidance_scale=scale, progress=cfg.progress).float().cpu()
         save_image(edited, out / f"inverted_{stem or 'unconditional'}.png")
         edits.append(edited)
-    grid = torch.cat([image, *edits])
+    grid = torch.cat([image.cpu(), *edits])
     save_image(make_grid(grid, nrow=grid.shape[0], padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "invert": str(cfg.invert), "source": source or None,
-                "targets": [r for _, r in asked if r] or None, "guidance_scale": guidance,
+                "targets": [r for _, r in asked if r] or None,
+                "guidance_scale": pipe.resolve_guidance(cfg.get("guidance_scale")),
                 "sampler": repr(sampler), "use_ema": cfg.use_ema}
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote the input and {len(edits)} regenerations to {out}")

@@ -70,13 +70,15 @@ class NoiseSchedule:
     LongTensor t of shape (B,) and tensors of shape (B, ...).
     """
 
-    def __init__(self, betas: Tensor, *, name: str = "custom", zero_terminal_snr: bool = False):
+    def __init__(self, betas: Tensor, *, name: str = "custom", zero_terminal_snr: bool = False,
+                 params: dict | None = None):  # the named constructor's arguments (what export maps to diffusers)
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         if betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must hold at least 2 values, each in (0, 1]")
         self.name = name
+        self.params = dict(params or {})
         self.zero_terminal_snr = zero_terminal_snr
         self.betas = betas
         self.alphas = 1 - betas
@@ -89,24 +91,25 @@ class NoiseSchedule:
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                zero_terminal_snr: bool = False) -> NoiseSchedule:
         return cls(linear_betas(num_timesteps, beta_start, beta_end), name="linear",
-                   zero_terminal_snr=zero_terminal_snr)
+                   zero_terminal_snr=zero_terminal_snr, params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                       zero_terminal_snr: bool = False) -> NoiseSchedule:
         return cls(scaled_linear_betas(num_timesteps, beta_start, beta_end), name="scaled_linear",
-                   zero_terminal_snr=zero_terminal_snr)
+                   zero_terminal_snr=zero_terminal_snr, params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999,
                zero_terminal_snr: bool = False) -> NoiseSchedule:
-        return cls(cosine_betas(num_timesteps, s, max_beta), name="cosine", zero_terminal_snr=zero_terminal_snr)
+        return cls(cosine_betas(num_timesteps, s, max_beta), name="cosine", zero_terminal_snr=zero_terminal_snr,
+                   params=dict(s=s, max_beta=max_beta))
 
     @classmethod
     def sigmoid(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                 zero_terminal_snr: bool = False) -> NoiseSchedule:
         return cls(sigmoid_betas(num_timesteps, beta_start, beta_end), name="sigmoid",
-                   zero_terminal_snr=zero_terminal_snr)
+                   zero_terminal_snr=zero_terminal_snr, params=dict(beta_start=beta_start, beta_end=beta_end))
 
     @classmethod
     def edm(cls, num_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0) -> NoiseSchedule:

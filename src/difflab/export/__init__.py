@@ -13,7 +13,6 @@ weights are the EMA ones (``use_ema=False``: the raw ones), with LoRA adapters m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -22,7 +21,8 @@ from pathlib import Path
 from torch import nn
 
 from difflab.errors import UsageError
-from difflab.loading import EXPORT_CONFIG, EXPORT_VERSION, EXPORT_WEIGHTS, load_module
+from difflab.loading import load_model, write_exported
+from difflab.model import DiffusionModel
 
 FORMATS = ("diffusers", "safetensors")
 
@@ -37,7 +37,6 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
     diffusers pipeline, else safetensors. The folder is written beside ``out`` and renamed into place, so a failed
     export leaves nothing half-written; an existing non-empty ``out`` is refused unless ``overwrite``."""
     from difflab.export import diffusers_format
-    from difflab.lightning import DiffusionModule
     from difflab.nn.lora import merge
 
     out = Path(out).expanduser()
@@ -45,13 +44,10 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
         raise UsageError(f"unknown format={format!r}; valid: {', '.join(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"out={out} exists and is not an empty folder: choose another out= (or overwrite=true)")
-    module = load_module(ckpt, "cpu", trust=trust)
-    if not isinstance(module, DiffusionModule):
-        raise UsageError(f"{ckpt} is a {type(module).__name__} checkpoint: only diffusion models are exported")
-    network = module.ema if use_ema else module.network
-    if module.finetune is not None:
-        merge(network)  # LoRA: the adapters folded into the weights they adapt
-    reason = diffusers_format.unsupported(module, network)
+    model = load_model(ckpt, "cpu", use_ema=use_ema, trust=trust)
+    if (model.run_config.get("model") or {}).get("finetune"):
+        merge(model.network)  # LoRA: the adapters folded into the weights they adapt
+    reason = diffusers_format.unsupported(model)
     format = format or ("diffusers" if reason is None else "safetensors")
     if format == "diffusers" and reason is not None:
         raise UsageError(f"format=diffusers: {reason}; format=safetensors exports it for difflab.load")
@@ -61,10 +57,12 @@ def export(ckpt: str | Path, out: str | Path, format: str | None = None, push_to
     try:
         partial.mkdir(parents=True)
         if format == "diffusers":
-            components = diffusers_format.save_pipeline(module, network, partial)
+            components = diffusers_format.save_pipeline(model, partial)
         else:
-            components = save_components(module, network, partial)
-        write_difflab_files(module, network, components, partial, format, ckpt)
+            components = save_components(model, partial)
+        write_exported(model, components, partial, format, ckpt)
+        if not (partial / "README.md").exists():
+            (partial / "README.md").write_text(model_card(model, format))
         readable_as_umask_allows(partial)
         if out.exists():
             shutil.rmtree(out)
@@ -92,10 +90,11 @@ def network_folder(network: nn.Module) -> str:
     return "transformer" if type(network).__name__ == "DiT" else "unet"
 
 
-def save_components(module, network: nn.Module, folder: Path) -> dict[str, str]:
-    """Save the network and a diffusers first stage in their own folders; returns {module path: sub-folder}."""
+def save_components(model: DiffusionModel, folder: Path) -> dict[str, str]:
+    """Save the network and a diffusers first stage in their own folders; returns {model path: sub-folder}."""
     from safetensors.torch import save_file
 
+    network = model.network
     name = network_folder(network)
     if type(network).__name__ == "DiffusersUNet":
         network.model.save_pretrained(folder / name)
@@ -108,63 +107,21 @@ def save_components(module, network: nn.Module, folder: Path) -> dict[str, str]:
         weights = {k: v.contiguous() for k, v in network.state_dict().items()}
         save_file(weights, str(folder / name / "model.safetensors"))
         components = {"network": name}
-    vae = getattr(getattr(module, "first_stage", None), "vae", None)
+    vae = getattr(model.first_stage, "vae", None)
     if vae is not None:  # a diffusers AutoencoderKL, its config carrying the latent scaling the model was trained with
-        vae.register_to_config(scaling_factor=module.first_stage.scale_factor,
-                               shift_factor=module.first_stage.shift_factor or None)
+        vae.register_to_config(scaling_factor=model.first_stage.scale_factor,
+                               shift_factor=model.first_stage.shift_factor or None)
         vae.save_pretrained(folder / "vae")
         components["first_stage.vae"] = "vae"
     return components
 
 
-def model_config(module, network: nn.Module) -> dict:
-    """The module's config as ``difflab.load`` rebuilds it from the folder alone: architectures instead of the
-    files or Hub ids the weights came from, and no fine-tuning (adapters are merged)."""
-    config = dict(module.run_config["model"])
-    spec = getattr(network, "spec", None)
-    if callable(spec):
-        config["network"] = spec()
-    first_stage = getattr(module, "first_stage", None)
-    if first_stage is not None:
-        config["first_stage"] = first_stage.spec()
-    config["finetune"] = None
-    return config
-
-
-def text_encoder_from_folder(config: dict) -> list[str]:
-    """Point the model config's text encoder at the folder's ``text_encoder/`` and ``tokenizer/`` (a diffusers
-    text-to-image folder holds them); returns the config keys that are paths relative to the folder."""
-    encoder = (config.get("conditioner") or {}).get("encoder") or {}
-    if "name_or_path" not in encoder:  # minilm: shipped in its package
-        return []
-    encoder.update(name_or_path=".", subfolder="text_encoder", tokenizer_subfolder="tokenizer", local_files_only=True)
-    return ["conditioner.encoder.name_or_path"]
-
-
-def write_difflab_files(module, network: nn.Module, components: dict[str, str], folder: Path, format: str,
-                        ckpt: str | Path) -> None:
-    """``difflab.json``, ``difflab.safetensors`` (the weights no sub-folder holds) and the model card."""
-    from safetensors.torch import save_file
-
-    held = ("network.", "ema.", *(f"{path}." for path in components))
-    rest = {k: v.contiguous() for k, v in module.state_dict().items() if not k.startswith(held)}
-    if rest:
-        save_file(rest, str(folder / EXPORT_WEIGHTS))
-    run_config = {**module.run_config, "model": model_config(module, network)}
-    relative = text_encoder_from_folder(run_config["model"]) if (folder / "text_encoder").is_dir() else []
-    info = {"version": EXPORT_VERSION, "format": format, "components": components, "relative_paths": relative,
-            "source": str(ckpt), "model": run_config["model"], "run_config": run_config}
-    (folder / EXPORT_CONFIG).write_text(json.dumps(info, indent=2))
-    if not (folder / "README.md").exists():
-        (folder / "README.md").write_text(model_card(module, format))
-
-
-def model_card(module, format: str) -> str:
+def model_card(model: DiffusionModel, format: str) -> str:
     """A Hub model card: what the model is and how to sample it."""
     from difflab.conditioning.base import NoConditioning
 
-    conditional = not isinstance(module.conditioner, NoConditioning)
-    text = type(module.conditioner).__name__ == "TextConditioner"
+    conditional = not isinstance(model.conditioner, NoConditioning)
+    text = type(model.conditioner).__name__ == "TextConditioner"
     tag = "text-to-image" if text else "unconditional-image-generation"
     library = "diffusers" if format == "diffusers" else "difflab"
     ask = 'prompt="..."' if text else "label=0" if conditional else ""

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from difflab.conditioning.base import NoConditioning
 from difflab.errors import UsageError
 from difflab.extras import require
+
+if TYPE_CHECKING:
+    from difflab.model import DiffusionModel
 
 # difflab's sampler class -> diffusers' scheduler class
 SCHEDULERS = {
@@ -38,28 +42,29 @@ PIXEL_SCHEDULERS = {"DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepSchedul
 KARRAS_GRIDS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}
 
 
-def unsupported(module, network: nn.Module) -> str | None:
+def unsupported(model: DiffusionModel) -> str | None:
     """Why this run cannot be a diffusers pipeline folder; None when it can."""
+    network = model.network
     if type(network).__name__ != "DiffusersUNet":
         return (f"the network is difflab's {type(network).__name__}, which diffusers does not know: train with "
                 "network=diffusers_unet for a diffusers pipeline")
-    if module.loss.prediction.name not in ("epsilon", "v_prediction", "sample"):
-        return f"prediction={module.loss.prediction.name} has no diffusers DDPM-family scheduler"
-    schedule = module.run_config["model"]["schedule"]["_target_"].rsplit(".", 1)[-1]
+    if model.prediction.name not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction={model.prediction.name} has no diffusers DDPM-family scheduler"
+    schedule = model.schedule.name
     if schedule in ("edm", "flow"):
         return f"schedule={schedule} has no diffusers DDPM-family scheduler"
-    if getattr(module, "first_stage", None) is not None:
-        return _unsupported_text_to_image(module, network)
-    if not isinstance(module.conditioner, NoConditioning):
+    if model.first_stage is not None:
+        return _unsupported_text_to_image(model, network)
+    if not isinstance(model.conditioner, NoConditioning):
         return "diffusers' DDPM / DDIM pipelines are unconditional and this run is conditional"
     return None
 
 
-def _unsupported_text_to_image(module, network: nn.Module) -> str | None:
+def _unsupported_text_to_image(model: DiffusionModel, network: nn.Module) -> str | None:
     """Why a latent run is not a StableDiffusionPipeline; None when it is."""
     from difflab.conditioning.text import TextConditioner
 
-    first_stage, conditioner = module.first_stage, module.conditioner
+    first_stage, conditioner = model.first_stage, model.conditioner
     if not hasattr(first_stage, "vae"):
         return "a latent diffusers pipeline needs a diffusers VAE (first_stage.pretrained), not difflab's autoencoder"
     if first_stage.shift_factor:
@@ -75,33 +80,33 @@ def _unsupported_text_to_image(module, network: nn.Module) -> str | None:
     return None
 
 
-def schedule_config(module) -> dict:
+def schedule_config(model: DiffusionModel) -> dict:
     """The noise schedule as diffusers' common scheduler arguments: a named beta schedule where diffusers has the
     same one, else the betas themselves (``trained_betas``)."""
-    node = module.run_config["model"]["schedule"]
-    kind = node["_target_"].rsplit(".", 1)[-1]
-    config = {"num_train_timesteps": module.schedule.num_timesteps}
-    named = {"linear": "linear", "scaled_linear": "scaled_linear"}.get(kind)
-    if kind == "cosine" and math.isclose(node.get("s", 0.008), 0.008) and math.isclose(node.get("max_beta", 0.999),
-                                                                                         0.999):
+    schedule = model.schedule
+    params = schedule.params
+    config = {"num_train_timesteps": schedule.num_timesteps}
+    named = {"linear": "linear", "scaled_linear": "scaled_linear"}.get(schedule.name)
+    if schedule.name == "cosine" and math.isclose(params.get("s", 0.008), 0.008) and \
+            math.isclose(params.get("max_beta", 0.999), 0.999):
         named = "squaredcos_cap_v2"
     if named is None:
-        return {**config, "trained_betas": module.schedule.betas.tolist()}
-    config.update(beta_schedule=named, rescale_betas_zero_snr=bool(node.get("zero_terminal_snr", False)))
-    if "beta_start" in node:
-        config.update(beta_start=node["beta_start"], beta_end=node["beta_end"])
+        return {**config, "trained_betas": schedule.betas.tolist()}
+    config.update(beta_schedule=named, rescale_betas_zero_snr=bool(schedule.zero_terminal_snr))
+    if "beta_start" in params:
+        config.update(beta_start=params["beta_start"], beta_end=params["beta_end"])
     return config
 
 
-def scheduler_config(module, sampler=None) -> tuple[str, dict]:
+def scheduler_config(model: DiffusionModel, sampler=None) -> tuple[str, dict]:
     """(diffusers' scheduler class name, its config) equal to ``sampler`` (default: the run's) under the run's
     schedule and prediction."""
-    sampler = sampler or module.sampler
+    sampler = sampler or model.sampler
     name = SCHEDULERS.get(type(sampler).__name__)
     if name is None:
         raise UsageError(f"sampler {type(sampler).__name__} has no diffusers scheduler: pick one of "
                          f"{', '.join(sorted(SCHEDULERS))} (sampler=ddim)")
-    config = {**schedule_config(module), "prediction_type": module.loss.prediction.name,
+    config = {**schedule_config(model), "prediction_type": model.prediction.name,
               "timestep_spacing": sampler.timestep_spacing, "steps_offset": sampler.steps_offset}
     if sampler.sigma_schedule is not None:
         if sampler.sigma_schedule not in KARRAS_GRIDS or name in ("DDIMScheduler", "DDPMScheduler"):
@@ -126,24 +131,24 @@ def scheduler_config(module, sampler=None) -> tuple[str, dict]:
     return name, config
 
 
-def scheduler(module, sampler=None):
+def scheduler(model: DiffusionModel, sampler=None):
     """The diffusers scheduler object of ``scheduler_config``."""
-    name, config = scheduler_config(module, sampler)
+    name, config = scheduler_config(model, sampler)
     return getattr(require("diffusers", "diffusers", "format=diffusers"), name).from_config(config)
 
 
-def save_pipeline(module, network: nn.Module, folder: Path) -> dict[str, str]:
-    """Write the run as a diffusers pipeline folder; returns {module path: sub-folder} of the weights in it."""
+def save_pipeline(model: DiffusionModel, folder: Path) -> dict[str, str]:
+    """Write the run as a diffusers pipeline folder; returns {model path: sub-folder} of the weights in it."""
     diffusers = require("diffusers", "diffusers", "format=diffusers")
-    if getattr(module, "first_stage", None) is not None:
-        return save_text_to_image(module, network, folder)
-    sampler = module.sampler
+    if model.first_stage is not None:
+        return save_text_to_image(model, folder)
+    sampler = model.sampler
     name = SCHEDULERS.get(type(sampler).__name__)
     if name not in PIXEL_SCHEDULERS or (sampler.sigma_schedule is not None and name != "DPMSolverMultistepScheduler"):
         sampler = _fallback(sampler)
-    name, config = scheduler_config(module, sampler)
+    name, config = scheduler_config(model, sampler)
     pipeline_class = diffusers.DDIMPipeline if name == "DDIMScheduler" else diffusers.DDPMPipeline
-    pipeline = pipeline_class(unet=network.model, scheduler=getattr(diffusers, name).from_config(config))
+    pipeline = pipeline_class(unet=model.network.model, scheduler=getattr(diffusers, name).from_config(config))
     pipeline.save_pretrained(folder)
     return {"network.model": "unet"}
 
@@ -158,15 +163,15 @@ def _fallback(sampler):
                        steps_offset=sampler.steps_offset, sigma_schedule=sampler.sigma_schedule, rho=sampler.rho)
 
 
-def save_text_to_image(module, network: nn.Module, folder: Path) -> dict[str, str]:
+def save_text_to_image(model: DiffusionModel, folder: Path) -> dict[str, str]:
     """The run as a StableDiffusionPipeline folder (no safety checker): its UNet, VAE (with the run's latent scale),
     text encoder and tokenizer (padding to the run's max_length), and the run's sampler as its scheduler."""
     diffusers = require("diffusers", "diffusers", "format=diffusers")
-    encoder, vae = module.conditioner.encoder, module.first_stage.vae
-    vae.register_to_config(scaling_factor=module.first_stage.scale_factor)
+    encoder, vae = model.conditioner.encoder, model.first_stage.vae
+    vae.register_to_config(scaling_factor=model.first_stage.scale_factor)
     encoder.tokenizer.model_max_length = encoder.max_length
     pipeline = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=network.model,
-        scheduler=scheduler(module), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae, text_encoder=encoder.model, tokenizer=encoder.tokenizer, unet=model.network.model,
+        scheduler=scheduler(model), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)
     return {"network.model": "unet", "first_stage.vae": "vae"}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from difflab.extras import require
 from difflab.nn.autoencoder import Autoencoder
-from difflab.registry import MODEL_PARTS, build
+from difflab.registry import MODEL_PARTS, build, describe
 
 
 class FirstStage(nn.Module):
@@ -118,8 +118,8 @@ class AutoencoderFirstStage(FirstStage):
         return self.autoencoder.decode(latents)
 
     def spec(self) -> dict[str, Any]:
-        return {"_target_": f"{__name__}.AutoencoderFirstStage.from_config", "_recursive_": False,
-                "autoencoder": self.autoencoder_config, "scale_factor": self.scale_factor}
+        return describe(AutoencoderFirstStage.from_config, recursive=False, autoencoder=self.autoencoder_config,
+                        scale_factor=self.scale_factor)
 
 
 class DiffusersFirstStage(FirstStage):
@@ -164,8 +164,8 @@ class DiffusersFirstStage(FirstStage):
 
     def spec(self) -> dict[str, Any]:
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.vae.config).items()}
-        return {"_target_": f"{__name__}.DiffusersFirstStage.from_config", "_recursive_": False, "config": config,
-                "scale_factor": self.scale_factor, "shift_factor": self.shift_factor}
+        return describe(DiffusersFirstStage.from_config, recursive=False, config=config,
+                        scale_factor=self.scale_factor, shift_factor=self.shift_factor)
 
 
 def _plain(config: dict | DictConfig) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from difflab.lightning.distributed import seed_this_rank
 from difflab.lightning.optimization import optimizers_from_factories
+from difflab.loading import store_run_config
 
 
 class DifflabModule(L.LightningModule):
@@ -32,5 +33,4 @@ class DifflabModule(L.LightningModule):
         seed_this_rank(self.trainer)  # under DDP every rank draws its own noise, timesteps and condition drops
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["difflab_config"] = self.run_config
+        store_run_config(checkpoint, self.run_config)

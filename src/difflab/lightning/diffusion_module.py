@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.conditioning.base import Conditioner, NoConditioning
+from difflab.conditioning.base import Conditioner
 from difflab.diffusion.guidance import Conditioned
 from difflab.diffusion.losses import Loss
 from difflab.diffusion.objectives import DiffusionLoss, LossWeighting
@@ -19,16 +19,19 @@ from difflab.diffusion.samplers import Sampler
 from difflab.diffusion.schedules import NoiseSchedule
 from difflab.lightning.base import DifflabModule
 from difflab.lightning.compat import logs_this_step
+from difflab.loading import store_architectures, upgrade_checkpoint
+from difflab.model import DiffusionModel
 from difflab.nn.lora import LoRA, load_base, save_adapter
 from difflab.pipeline import Pipeline
 
 
 class DiffusionModule(DifflabModule):
-    """Trains ``network`` to denoise under ``schedule``; validates with the EMA weights and hands out
-    ``pipeline()`` for sampling and editing with them.
+    """Trains the ``DiffusionModel`` it holds (``self.model``: ``network`` under ``schedule`` and ``prediction``,
+    with its conditioner, sampler and guidance); adds the loss, the EMA, the optimizer and logging, validates with
+    the EMA weights and hands out ``diffusion_model()`` / ``pipeline()`` for sampling with them.
 
-    The EMA copy (``self.ema``) is a frozen submodule: it is saved in every checkpoint with its update
-    count (``ema_updates``), restored on resume, has no gradients (so DDP never syncs it), and is updated
+    The EMA copy (``self.ema``) of the network is a frozen submodule: it is saved in every checkpoint with its
+    update count (``ema_updates``), restored on resume, has no gradients (so DDP never syncs it), and is updated
     after each optimizer step as ema = d ema + (1 - d) theta with d = min(ema_decay, (1 + n) / (10 + n))
     when ``ema_warmup`` (the warm-up of diffusers' EMAModel), n = number of updates so far.
     """
@@ -40,11 +43,11 @@ class DiffusionModule(DifflabModule):
         sampler: Sampler,  # the default sampler of sample grids and of the pipeline
         prediction: Prediction,  # what the network predicts
         loss_weighting: LossWeighting,
-        optimizer: Callable[..., torch.optim.Optimizer],  # partial: optimizer(params)
+        optimizer: Callable[..., torch.optim.Optimizer] | None,  # partial: optimizer(params); None: no training
         lr_scheduler: Callable[..., Any] | None = None,  # partial: lr_scheduler(optimizer), stepped per step
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
-        image_shape: Sequence[int] = (1, 32, 32),  # (C, H, W) of generated samples
+        image_shape: Sequence[int] | None = (1, 32, 32),  # (C, H, W) of generated samples
         loss_buckets: int = 10,  # train/loss_t<k> is logged for this many equal ranges of t
         run_config: dict | None = None,  # the composed run config, stored in checkpoints for sample.py
         compile: bool | dict = False,  # torch.compile the training forward; a dict is passed as its kwargs
@@ -53,6 +56,8 @@ class DiffusionModule(DifflabModule):
         timestep_sampler: Callable[..., Tensor] | None = None,  # how training draws t; None: uniform
         loss: Loss | None = None,  # distance and noise options (offset noise, input perturbation); None: L2
         finetune: LoRA | None = None,  # finetune=lora: adapters trained on a frozen network (from finetune.base)
+        first_stage: nn.Module | None = None,  # LatentDiffusionModule: the frozen first stage
+        image_size: int | None = None,  # LatentDiffusionModule: the pixel resolution
     ):
         super().__init__(optimizer, lr_scheduler, run_config)
         self.finetune = finetune
@@ -60,19 +65,25 @@ class DiffusionModule(DifflabModule):
             if finetune.base is not None:
                 load_base(network, finetune.base, finetune.trust)
             finetune.apply(network)
-        self.network = network
+        self.model = DiffusionModel(network, schedule, prediction, sampler, conditioner,
+                                    guidance_scale=guidance_scale, image_shape=image_shape, first_stage=first_stage,
+                                    image_size=image_size)
         self.ema = copy.deepcopy(network).requires_grad_(False).eval()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self.schedule = schedule
-        self.sampler = sampler
         self.loss = DiffusionLoss(prediction, loss_weighting, timestep_sampler, loss)
         self.ema_decay = ema_decay
         self.ema_warmup = ema_warmup
-        self.image_shape = tuple(image_shape)
         self.loss_buckets = loss_buckets
         self.compile = compile
-        self.conditioner = conditioner if conditioner is not None else NoConditioning()
-        self.guidance_scale = guidance_scale
+
+    # the model's parts, read where training needs them
+    network = property(lambda self: self.model.network)
+    schedule = property(lambda self: self.model.schedule)
+    sampler = property(lambda self: self.model.sampler)
+    conditioner = property(lambda self: self.model.conditioner)
+    guidance_scale = property(lambda self: self.model.guidance_scale)
+    image_shape = property(lambda self: self.model.image_shape)
+    first_stage = property(lambda self: self.model.first_stage)
 
     def diffusion_input(self, batch: dict) -> Tensor:
         """The x0 that training diffuses: the batch's images (a first stage's latents in LatentDiffusionModule)."""
@@ -170,24 +181,21 @@ class DiffusionModule(DifflabModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        spec = getattr(self.network, "spec", None)
-        if callable(spec):  # a network built from outside files (a pretrained folder): its architecture, to rebuild
-            checkpoint["difflab_network"] = spec()
+        store_architectures(checkpoint, self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(checkpoint)  # a checkpoint of an earlier layout resumes too
+
+    def diffusion_model(self, use_ema: bool = True) -> DiffusionModel:
+        """The trained model with its EMA (or raw) network: what sampling, export and evaluation take. It shares
+        the module's weights (no copy)."""
+        return self.model.with_network(self.ema) if use_ema else self.model
 
     def pipeline(self, use_ema: bool = True) -> Pipeline:
-        """What sampling needs, handed out: the EMA (or raw) network with the schedule, parameterisation,
-        conditioner, default sampler and guidance. It shares the module's weights (no copy)."""
-        return Pipeline(self.ema if use_ema else self.network, self.schedule, self.loss.prediction, self.sampler,
-                        self.conditioner, guidance_scale=self.guidance_scale, image_shape=self.image_shape,
-                        **self.pipeline_space())
-
-    def pipeline_space(self) -> dict:
-        """The Pipeline's way between images and the diffusion space: pixels here (a first stage for latents)."""
-        return {}
+        """The Pipeline of ``diffusion_model(use_ema)``."""
+        return self.diffusion_model(use_ema).pipeline()
 
     def preview(self, n: int, seed: int = 0) -> Tensor:
         """n EMA samples in [0, 1] for the sample-grid callback, under the conditioner's balanced examples (one row
         per class for class-conditional models) and the module's guidance."""
         return self.pipeline()(n, seed=seed, batch_size=n, progress=False)
-
-

@@ -126,8 +126,9 @@ class FIDCallback(Periodic):
         """The samples' features (n, D) (all ranks' samples) and this rank's first 64 samples (in [0, 1])."""
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-self.num_samples // world)  # every rank the same count: all_gather needs equal shapes
-        pipe = pl_module.pipeline()
-        conditions = pl_module.conditioner.examples(share * world, pl_module.device)
+        model = pl_module.diffusion_model()
+        pipe = model.pipeline()
+        conditions = model.conditioner.examples(share * world, model.device)
         features, preview = [], None
         self.extractor.to(pl_module.device)
         for start in range(0, share, self.batch_size):

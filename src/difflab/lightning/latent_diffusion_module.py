@@ -19,8 +19,8 @@ from difflab.lightning.diffusion_module import DiffusionModule
 class LatentDiffusionModule(DiffusionModule):
     """``DiffusionModule`` whose diffusion runs on ``first_stage`` latents: training encodes each batch (a
     posterior sample, times the scale factor), sampling and editing decode at the end. The first stage is a
-    frozen submodule: saved in the checkpoint with its architecture (``spec``), so the trained model samples
-    without the autoencoder's original file; never optimised, never in train mode.
+    frozen part of the model: saved in the checkpoint with its architecture (``spec``), so the trained model
+    samples without the autoencoder's original file; never optimised, never in train mode.
 
     ``cache_latents``: keep each training image's posterior (mean, std) in memory after its first encoding and
     draw z from it afterwards (for datasets without random augmentation; batches need their ``index``).
@@ -31,9 +31,8 @@ class LatentDiffusionModule(DiffusionModule):
 
     def __init__(self, first_stage: FirstStage, image_size: int, cache_latents: bool = False,
                  latent_cache_dir: str | None = None, **kwargs):
-        kwargs["image_shape"] = first_stage.latent_shape(image_size)
-        super().__init__(**kwargs)
-        self.first_stage = first_stage.requires_grad_(False).eval()
+        kwargs["image_shape"] = None  # the latent shape, from the first stage and image_size
+        super().__init__(**kwargs, first_stage=first_stage, image_size=image_size)
         self.image_size = image_size
         self.cache_latents = cache_latents or latent_cache_dir is not None
         self.latent_cache_dir = latent_cache_dir
@@ -45,11 +44,6 @@ class LatentDiffusionModule(DiffusionModule):
             raise UsageError(f"the network takes {network_channels}-channel inputs but the first stage's latents have "
                              f"{first_stage.latent_channels} channels: set network.in_channels="
                              f"{first_stage.latent_channels}")
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.first_stage.eval()  # frozen: no dropout, no norm statistics updates
-        return self
 
     # ---- the diffusion space ------------------------------------------------------------------------
 
@@ -69,9 +63,6 @@ class LatentDiffusionModule(DiffusionModule):
         mean = torch.stack([self._latent_cache[i][0] for i in indices])
         std = torch.stack([self._latent_cache[i][1] for i in indices])
         return mean + std * torch.randn_like(mean)
-
-    def pipeline_space(self) -> dict:
-        return {"first_stage": self.first_stage, "image_size": self.image_size}
 
     # ---- the latent cache on disk ------------------------------------------------------------------
 
@@ -118,7 +109,3 @@ class LatentDiffusionModule(DiffusionModule):
                         "mean": torch.stack([self._latent_cache[i][0] for i in indices]),
                         "std": torch.stack([self._latent_cache[i][1] for i in indices])}, tmp)
         self._saved_cache_size = len(indices)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["difflab_first_stage"] = self.first_stage.spec()

@@ -10,14 +10,19 @@ shifts of up to 2 pixels); ``python -m difflab.metrics.classifier test`` reports
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.errors import MissingFileError, UsageError
+from difflab.errors import MissingFileError
 from difflab.files import atomic_write
+
+if TYPE_CHECKING:
+    from difflab.model import DiffusionModel
 
 WEIGHTS = Path(__file__).parent / "weights" / "mnist_classifier.safetensors"
 SPLIT_SEED, NUM_TEST = 0, 1000
@@ -123,15 +128,15 @@ def digit_report(probs: Tensor, targets: Tensor | None = None, confident: float 
 
 
 @torch.no_grad()
-def conditional_accuracy(module, classifier: nn.Module, guidance_scales=(0.0, 1.0, 3.0, 5.0), per_class: int = 20,
-                         num_classes: int = 10, prompt_template: str | None = None, sampler=None, seed: int = 0,
-                         batch_size: int = 100) -> dict[float, dict]:
+def conditional_accuracy(model: DiffusionModel, classifier: nn.Module, guidance_scales=(0.0, 1.0, 3.0, 5.0),
+                         per_class: int = 20, num_classes: int = 10, prompt_template: str | None = None,
+                         sampler=None, seed: int = 0, batch_size: int = 100) -> dict[float, dict]:
     """For each guidance scale w: sample ``per_class`` images asking for each class k (``label=k``, or the
     prompt ``prompt_template.format(k)`` for text models) and report how often the classifier sees k.
     w = 0 samples unconditionally, so its accuracy is the chance that an unconditional sample happens to be k
     (about 1 / num_classes). The same seeds are used for every w."""
     classes = torch.arange(num_classes).repeat_interleave(per_class)
-    pipe = module.pipeline()
+    pipe = model.pipeline()
     seeds = [seed + k for k in range(len(classes))]  # the same seeds for every w
     results = {}
     for w in guidance_scales:
@@ -157,20 +162,16 @@ class CleanClassifier(nn.Module):
         return self.network(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
 
 
-def load_classifier(path: str | Path) -> tuple[nn.Module, list[str] | None]:
+def load_classifier(path: str | Path, trust: Sequence[str] = ()) -> tuple[nn.Module, list[str] | None]:
     """(a classifier of images in [-1, 1], its class names or None) from a ``DigitClassifier``'s safetensors file or
     a ``model=classifier`` checkpoint (applied at t = 0; ``model.clean=true`` trains one for exactly that)."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors":
         return load_digit_classifier(path), None
-    from difflab.lightning.classifier_module import NoisyClassifierModule
-    from difflab.loading import load_module
+    from difflab.loading import load_classifier_network
 
-    module = load_module(path)
-    if not isinstance(module, NoisyClassifierModule):
-        raise UsageError(f"{path} is a {type(module).__name__} checkpoint, not a classifier (train one: "
-                         "python train.py model=classifier model.clean=true data=...)")
-    return CleanClassifier(module.network).eval(), module.run_config["data"].get("class_names")
+    network, class_names = load_classifier_network(path, trust, what="classifier")
+    return CleanClassifier(network).eval(), class_names
 
 
 def load_digit_classifier(path: str | Path = WEIGHTS) -> DigitClassifier:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from difflab.errors import UsageError
 from difflab.extras import require
+from difflab.registry import describe
 
 KINDS = {"unet2d": "UNet2DModel", "unet2d_condition": "UNet2DConditionModel"}
 # what a model built from scratch starts from (network.config overrides it): small, for 32x32 MNIST on a CPU
@@ -66,8 +67,8 @@ class DiffusersUNet(nn.Module):
     def spec(self) -> dict[str, Any]:
         """How to rebuild this network without the pretrained folder or the Hub: its class and full config."""
         config = {k: _plain(v) for k, v in dict(self.model.config).items()}
-        return {"_target_": f"{__name__}.DiffusersUNet.from_config", "_recursive_": False, "kind": self.kind,
-                "config": config, "num_classes": self.num_classes}
+        return describe(DiffusersUNet.from_config, recursive=False, kind=self.kind, config=config,
+                        num_classes=self.num_classes)
 
     def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cond: Tensor | None = None) -> Tensor:

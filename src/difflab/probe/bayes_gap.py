@@ -18,6 +18,7 @@ from torch import Tensor
 from difflab.data.gmm import GaussianMixture
 from difflab.errors import UsageError
 from difflab.pipeline import Pipeline
+from difflab.registry import target_of
 
 
 @dataclass
@@ -91,7 +92,7 @@ def bayes_gap(pipe: Pipeline, mixture: GaussianMixture, n: int = 256, buckets: i
 def mixture_of(run_config: dict) -> GaussianMixture:
     """The Gaussian mixture a ``data=gmm`` run trained on, from its run config (``module.run_config``)."""
     dataset = run_config["data"].get("dataset", {})
-    if not str(dataset.get("_target_", "")).endswith("gmm.gmm"):
+    if target_of(dataset) != "difflab.data.gmm.gmm":
         raise UsageError("probe=bayes_gap needs a model trained on data=gmm (its optimal denoiser is known); this "
-                         f"one trained on {dataset.get('_target_', 'other data')}")
+                         f"one trained on {target_of(dataset) or 'other data'}")
     return GaussianMixture(dataset["weights"], dataset["means"], dataset["stds"])

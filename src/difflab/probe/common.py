@@ -45,11 +45,11 @@ def real_batch(source, n: int = 16, seed: int = 0, split: str = "val", trust: Se
     from torch.utils.data import default_collate
 
     from difflab.data.layout import resolve_folder_config
-    from difflab.loading import read_checkpoint
+    from difflab.loading import read_checkpoint, run_config_of
     from difflab.registry import DATA, build
 
     if isinstance(source, str) or hasattr(source, "is_file"):
-        source = read_checkpoint(source, trust)["difflab_config"]
+        source = run_config_of(read_checkpoint(source, trust))
     config = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(source)))
     config = config.data if "data" in config else config
     resolve_folder_config(config)
