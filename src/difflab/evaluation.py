@@ -133,10 +133,11 @@ class Scores:
 
 @dataclass
 class Scorer:
-    """Figures of sample sets against the same real images on one extractor, with bootstrap intervals."""
+    """Figures of sample sets against the same real images on one extractor, with bootstrap intervals: what
+    evaluate.py, the NFE sweep and the in-training FID callback (real features given, ``real=None``) all report."""
 
     extractor: nn.Module
-    real: RealImages
+    real: RealImages | None
     metrics: tuple[str, ...] = METRICS
     batch_size: int = 250
     kid_subsets: int = 100
@@ -146,11 +147,15 @@ class Scorer:
     seed: int = 0
     progress: bool = False
     warnings: list[str] = field(default_factory=list)
+    real_features: Tensor | None = None  # (n, D) on ``extractor``, when the caller has them (the FID callback)
 
     def __post_init__(self):
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise UsageError(f"unknown metrics {sorted(unknown)}; valid: {', '.join(METRICS)}")
+        self.other_features = None
+        if self.real is None:
+            return
         self.extractor, warning = choose_extractor(self.extractor, self.real.dataset)
         self.warnings += [warning] if warning else []
         self.real_features = self._features(self.real.images)
@@ -174,7 +179,12 @@ class Scorer:
         and condition). ``correct``: per sample, whether the judge saw the class asked for."""
         for fake in sets:
             self.check(fake)
-        features = [self._features(fake) for fake in sets]
+        return self.score_features([self._features(fake) for fake in sets], sets, correct)
+
+    def score_features(self, features: list[Tensor], sets: list[Tensor] | None = None,
+                       correct: list[Tensor] | None = None) -> Scores:
+        """``score`` on the sets' features (N, D) on ``extractor``; the images ``sets`` are needed for the
+        Inception score only."""
         real_stats = FeatureStatistics.of(self.real_features)
         results = [{"fid": frechet_distance_of(real_stats, FeatureStatistics.of(f))} for f in features]
         statistics = {"fid": fid_statistic(self.real_features, features)}
@@ -191,10 +201,10 @@ class Scorer:
                 found = wilson_interval(float(c.sum()), len(c), self.level)
                 result.update(class_accuracy=found.estimate, class_accuracy_interval=[found.low, found.high])
             statistics["class_accuracy"] = mean_statistic(correct)  # for paired differences
-        for result, f, fake in zip(results, features, sets, strict=True):
+        for result, f, fake in zip(results, features, sets or [None] * len(features), strict=True):
             if "prc" in self.metrics:
                 result["precision"], result["recall"] = precision_recall(self.real_features, f)
-            if "isc" in self.metrics and getattr(self.extractor, "has_logits", False):
+            if "isc" in self.metrics and fake is not None and getattr(self.extractor, "has_logits", False):
                 result["inception_score"], result["inception_score_std"] = inception_score(
                     extract(self.extractor, fake, self.batch_size, logits=True))
         replicates = {}

@@ -13,12 +13,11 @@ from torch import Tensor
 
 from difflab.diffusion.samplers import Sampler
 from difflab.errors import UsageError
+from difflab.evaluation import Scorer
 from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.lightning.compat import checkpoint_every_n_steps, record_metric
-from difflab.metrics.bootstrap import basic_interval, bootstrap, fid_statistic
 from difflab.metrics.features import AutoFeatures, choose_extractor, dataset_name, extract
-from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 
 
 class FIDCallback(Periodic):
@@ -78,12 +77,13 @@ class FIDCallback(Periodic):
         real = self.real_features(trainer)
         fake, preview = self.sample_features(trainer, pl_module)
         name = self.metric_name
-        values = {name: frechet_distance_of(FeatureStatistics.of(real), FeatureStatistics.of(fake))}
+        # evaluate.py's Scorer on the features at hand: one FID (and interval) computation for both
+        figures = Scorer(self.extractor, None, ("fid",), bootstrap=self.bootstrap, level=self.confidence,
+                         seed=self.seed, real_features=real).score_features([fake]).sets[0]
+        values = {name: figures["fid"]}
         if self.bootstrap:
-            replicates = bootstrap({"fid": fid_statistic(real, [fake])}, len(real), len(fake), self.bootstrap,
-                                   self.seed)["fid"][:, 0]
-            interval = basic_interval(values[name], replicates, self.confidence, minimum=0.0)
-            values.update({f"{name}_low": interval.low, f"{name}_high": interval.high})
+            low, high = figures["fid_interval"]
+            values.update({f"{name}_low": low, f"{name}_high": high})
         for key, value in values.items():  # for the trainer: checkpoint monitor, early stopping, metrics.json
             if self._at_end:
                 record_metric(trainer, key, value)
