@@ -196,3 +196,27 @@ def test_a_missing_local_path_is_a_missing_file_and_never_a_download(tmp_path, m
             with pytest.raises(MissingFileError, match=missing):
                 difflab.load(missing, device="cpu")
     hub.assert_not_called()
+
+
+def test_a_classifier_checkpoint_naming_a_foreign_target_is_refused(tmp_path, payload):
+    from difflab.loading import load_classifier_network
+    from difflab.metrics.classifier import load_classifier
+
+    node, marker = payload
+    path = tampered(tmp_path, lambda c: c["difflab_config"]["model"].update(
+        _target_="difflab.lightning.NoisyClassifierModule", network=node))
+    for read in (load_classifier, load_classifier_network):  # evaluate.py classifier=, sample.py classifier_ckpt=
+        with pytest.raises(UntrustedTargetError, match=r"model\.network\._target_"):
+            read(path)
+    assert not marker.exists()
+
+
+def test_data_of_the_users_own_is_checked_only_where_it_is_built(tmp_path):
+    path = tampered(tmp_path, lambda c: set_key(c["difflab_config"], "data.dataset._target_", "mypkg.MyDigits"))
+    images = difflab.load(path, device="cpu")(**REQUEST)  # sampling never builds the data
+    torch.testing.assert_close(images, load_file(str(LEGACY / "samples.safetensors"))["pixel_class"], atol=1e-5,
+                               rtol=0)
+    from difflab.probe import real_batch
+
+    with pytest.raises(UntrustedTargetError, match="mypkg.MyDigits"):
+        real_batch(path)

@@ -185,9 +185,10 @@ def download(repo_id: str) -> Path:
 
 
 def read_checkpoint(path: str | Path, trust: Sequence[str] = (), what: str = "checkpoint") -> dict:
-    """A train.py checkpoint as a dict of tensors and plain values (``torch.load(weights_only=True)``), its stored
-    run config checked: every class it names is one difflab builds from files (or trusted), so no reader of it
-    can be led to build anything else."""
+    """A train.py checkpoint as a dict of tensors and plain values (``torch.load(weights_only=True)``), the model
+    and sampler of its run config checked: every class they name is one difflab builds from files (or trusted).
+    Its data config is checked where it is built (evaluate.py's real images, the probes' batches), so a model of
+    data of the user's own samples without ``trust``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
@@ -208,7 +209,6 @@ def read_checkpoint(path: str | Path, trust: Sequence[str] = (), what: str = "ch
         raise UsageError(f"{path} has no weights (state_dict): was it written by difflab's train.py?")
     built = {k: v for k, v in checkpoint_model_config(checkpoint).items() if k not in TRAINING_ONLY}
     registry.check(built, registry.MODEL_PARTS, trust, str(path), "model")
-    registry.check(run_config.get("data"), registry.DATA, trust, str(path), "data")
     registry.check(run_config.get("sampler"), registry.MODEL_PARTS, trust, str(path), "sampler")
     return checkpoint
 
