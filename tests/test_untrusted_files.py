@@ -220,3 +220,20 @@ def test_data_of_the_users_own_is_checked_only_where_it_is_built(tmp_path):
 
     with pytest.raises(UntrustedTargetError, match="mypkg.MyDigits"):
         real_batch(path)
+
+
+def test_a_config_asking_for_more_weights_than_the_file_holds_is_refused_before_allocation(tmp_path):
+    def wider(checkpoint):
+        network = checkpoint["difflab_config"]["model"]["network"]
+        network["model_channels"] *= 8  # some 60 times the weights the file holds
+    with pytest.raises(UsageError, match=r"model\.network asks for [\d,]+ weights but the file holds"):
+        difflab.load(tampered(tmp_path, wider), device="cpu")
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path):
+    def reshaped(checkpoint):  # as many values, another shape
+        key = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("ema.") and v.ndim == 4)
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].flatten()
+    with pytest.raises(UsageError, match="weights do not fit the model its config describes") as raised:
+        difflab.load(tampered(tmp_path, reshaped), device="cpu")
+    assert "\n" not in str(raised.value)

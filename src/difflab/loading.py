@@ -93,13 +93,12 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", *, use_em
     path = locate(source)
     if path.is_dir():
         config, weights, run_config = read_exported(path, trust)
-        model = diffusion_model_from_config(config, trust, str(path), run_config)
     else:
         checkpoint = read_checkpoint(path, trust)
-        model = diffusion_model_from_config(checkpoint_model_config(checkpoint), trust, str(path),
-                                            checkpoint[RUN_CONFIG])
+        config, run_config = checkpoint_model_config(checkpoint), checkpoint[RUN_CONFIG]
         weights = model_weights(checkpoint["state_dict"], use_ema)
-    model.load_state_dict(weights)
+    model = diffusion_model_from_config(config, trust, str(path), run_config, weights)
+    _load_weights(model, weights, path)
     if lora is not None:
         from difflab.nn.lora import load_adapter
 
@@ -120,9 +119,19 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu", trust: Seq
     module = model_from_config(config, trust, str(path))
     if config.get("_target_") in DIFFUSION_MODULES:
         upgrade_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])
+    _load_weights(module, checkpoint["state_dict"], path)
     module.run_config = checkpoint[RUN_CONFIG]
     return module.to(device).eval()
+
+
+def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict``, its page-long mismatch report as one line naming the file."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:2])[:300]
+        raise UsageError(f"{path}: its weights do not fit the model its config describes (a damaged or edited "
+                         f"file?): {detail or one_line(err)}") from err
 
 
 def load_classifier_network(path: str | Path, trust: Sequence[str] = (),
@@ -422,10 +431,12 @@ def _without_training(model_config: dict) -> dict:
 
 
 def diffusion_model_from_config(model_config: dict, trust: Sequence[str] = (), source: str = "the file",
-                                run_config: dict | None = None) -> DiffusionModel:
+                                run_config: dict | None = None,
+                                weights: dict[str, torch.Tensor] | None = None) -> DiffusionModel:
     """The ``DiffusionModel`` of a stored DiffusionModule config, its parts built by ``registry.build``: the
     network (with its LoRA adapters, whose weights the file holds), schedule, prediction, sampler, conditioner
-    and first stage; nothing of training."""
+    and first stage; nothing of training. With the file's ``weights``, a network or first stage whose config asks
+    for more parameters than the file holds is refused before it is allocated."""
     from difflab.model import DiffusionModel
 
     target = model_config.get("_target_")
@@ -434,6 +445,11 @@ def diffusion_model_from_config(model_config: dict, trust: Sequence[str] = (), s
     config = _without_training(model_config)
     registry.check({k: config.get(k) for k in (*MODEL_PARTS, "finetune")}, registry.MODEL_PARTS, trust, source,
                    "model")
+    if weights is not None:
+        for key in ("network", "first_stage"):
+            if config.get(key) is not None:
+                stored = sum(v.numel() for k, v in weights.items() if k.startswith(f"{key}."))
+                _refuse_larger_than_stored(config[key], stored, trust, source, f"model.{key}")
     parts = {key: registry.build(config[key], registry.MODEL_PARTS, trust, source, f"model.{key}")
              for key in MODEL_PARTS if config.get(key) is not None}
     if config.get("finetune"):
@@ -443,6 +459,21 @@ def diffusion_model_from_config(model_config: dict, trust: Sequence[str] = (), s
                           parts.get("conditioner"), guidance_scale=config.get("guidance_scale", 1.0),
                           image_shape=config.get("image_shape") or (1, 32, 32), first_stage=parts.get("first_stage"),
                           image_size=config.get("image_size"), run_config=run_config)
+
+
+def _refuse_larger_than_stored(node: dict, stored: int, trust: Sequence[str], source: str, key: str) -> None:
+    """Build ``node`` on the meta device (no memory) and refuse it if its weights outnumber the ``stored`` values:
+    a config edited to ask for a huge network would otherwise be allocated before its weights fail to load. A part
+    that cannot be built on the meta device is left to the real build (and to ``load_state_dict``)."""
+    try:
+        with torch.device("meta"):
+            probe = registry.build(node, registry.MODEL_PARTS, trust, source, key)
+        wanted = sum(v.numel() for v in probe.state_dict().values())
+    except Exception:  # noqa: BLE001 (a factory that reads files or tables on the CPU: measured by loading it)
+        return
+    if wanted > stored:
+        raise UsageError(f"{source}: {key} asks for {wanted:,} weights but the file holds {stored:,}: its config "
+                         "does not describe its weights (a damaged or edited file)")
 
 
 def build_sampler(node: dict, trust: Sequence[str] = (), source: str = "the file"):
