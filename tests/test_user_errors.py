@@ -49,6 +49,22 @@ def test_train_command_line_mistakes_are_one_line_and_leave_no_run_dir(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (["model=ldm"], ("model=ldm needs exactly one first stage", "first_stage.ckpt=PATH")),
+    (["model=ldm", "first_stage.ckpt=/nowhere/ae.ckpt"], ("first-stage checkpoint not found: /nowhere/ae.ckpt",)),
+    (["conditioning=text", "text_encoder=clip", "text_encoder.name_or_path=/nowhere/clip",
+      "text_encoder.local_files_only=true"], ("could not load the text encoder '/nowhere/clip'",)),
+    (["data=imagefolder", "data.root=EMPTY"], ("no images found in",)),
+])
+def test_errors_raised_while_the_config_is_instantiated_are_one_line(tmp_path, overrides, expected):
+    """A constructor's refusal (raised inside Hydra's instantiate) reaches the user as difflab's one line."""
+    (tmp_path / "empty").mkdir()
+    overrides = [o.replace("EMPTY", str(tmp_path / "empty")) for o in overrides]
+    result = cli(tmp_path, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides)
+    assert_one_line(result, *expected)
+    assert not (tmp_path / "run").exists()
+
+
 def test_full_error_shows_the_traceback(tmp_path):
     result = cli(tmp_path, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "data=imagefolder",
                  full_error=True)

@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> L.Trainer:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # lightning 2.6 on torch 2.14 warns about its own pytree use at every fit: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; stderr stays for errors
     model, datamodule, trainer = build(cfg)
     with locked_run_directory(trainer):
         fit(cfg, model, datamodule, trainer)

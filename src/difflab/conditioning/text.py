@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.conditioning.base import Condition, Conditioner, example_indices, pad_tokens
-from difflab.errors import UsageError
+from difflab.errors import MissingFileError, UsageError
 from difflab.extras import require
 
 
@@ -77,8 +77,9 @@ def _load(path: str | Path, model_class: str, local_files_only: bool, subfolder:
         model = getattr(transformers, model_class).from_pretrained(str(path), subfolder=subfolder or "", **options)
     except OSError as err:
         where = f" (subfolders {subfolder!r}, {tokenizer_subfolder!r})" if subfolder or tokenizer_subfolder else ""
-        raise OSError(f"could not load the text encoder {path!r}{where} ({model_class}): give a local path or a hub "
-                      f"id reachable from this machine. Cause: {err}") from err
+        # MissingFileError: the user's path or id (one line from the entry points), still an OSError
+        raise MissingFileError(f"could not load the text encoder {path!r}{where} ({model_class}): give a local path "
+                               f"or a hub id reachable from this machine. Cause: {err}") from err
     return model, tokenizer
 
 

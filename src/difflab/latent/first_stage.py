@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab.errors import UsageError
 from difflab.extras import require
 from difflab.nn.autoencoder import Autoencoder
 from difflab.registry import MODEL_PARTS, build, describe
@@ -147,7 +148,7 @@ class DiffusersFirstStage(FirstStage):
         try:
             vae = autoencoder_kl.from_pretrained(name_or_path, subfolder=subfolder, local_files_only=local_files_only)
         except (OSError, ValueError) as err:
-            raise ValueError(f"could not load a diffusers AutoencoderKL from {name_or_path!r}"
+            raise UsageError(f"could not load a diffusers AutoencoderKL from {name_or_path!r}"
                              f"{f' (subfolder {subfolder!r})' if subfolder else ''}: {err}") from err
         return cls(vae, scale_factor, shift_factor)
 
@@ -179,7 +180,7 @@ def load_first_stage(ckpt: str | None = None, pretrained: str | None = None, sub
     """The first stage named by exactly one of ``ckpt`` (difflab's autoencoder) or ``pretrained`` (diffusers);
     ``trust``: classes of your own that the checkpoint ``ckpt`` may name."""
     if (ckpt is None) == (pretrained is None):
-        raise ValueError(
+        raise UsageError(
             "model=ldm needs exactly one first stage: first_stage.ckpt=PATH (a checkpoint of python train.py "
             "model=autoencoder) or first_stage.pretrained=PATH_OR_HUB_ID (a diffusers AutoencoderKL, e.g. "
             "stabilityai/sd-vae-ft-mse)" + ("; both were given" if ckpt is not None else ""))
