@@ -360,7 +360,7 @@ def read_exported(folder: Path, trust: tuple[str, ...] = ()) -> tuple[dict, dict
     for key in info.get("relative_paths", []):  # files inside the folder (a text encoder), wherever it now is
         if key not in RELATIVE_PATHS:
             raise UsageError(f"{config_file}: relative_paths names {key!r}, which is not a path difflab exports")
-        node, _, leaf = _parent(model_config, key)
+        node, leaf = _parent(model_config, key)
         if node is not None and leaf in node:
             node[leaf] = str(inside(folder, node[leaf], folder))
             node["local_files_only"] = True
@@ -377,13 +377,13 @@ def read_exported(folder: Path, trust: tuple[str, ...] = ()) -> tuple[dict, dict
     return model_config, weights, info.get("run_config") or {"model": info["model"]}
 
 
-def _parent(config: dict, key: str) -> tuple[dict | None, str, str]:
-    """(the dict holding ``key``'s last part, the key, that part) of a dotted key; None where the path is absent."""
+def _parent(config: dict, key: str) -> tuple[dict | None, str]:
+    """(the dict holding a dotted key's last part, that part); None where the path is absent."""
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
-    return (node if isinstance(node, dict) else None), key, leaf
+    return (node if isinstance(node, dict) else None), leaf
 
 
 def _refuse_outside_paths(config, folder: Path, key: str = "") -> None:
@@ -474,11 +474,6 @@ def _refuse_larger_than_stored(node: dict, stored: int, trust: Sequence[str], so
     if wanted > stored:
         raise UsageError(f"{source}: {key} asks for {wanted:,} weights but the file holds {stored:,}: its config "
                          "does not describe its weights (a damaged or edited file)")
-
-
-def build_sampler(node: dict, trust: Sequence[str] = (), source: str = "the file"):
-    """A stored sampler node (a checkpoint's ``sampler``) as a sampler: difflab's samplers only."""
-    return registry.build(upgrade_sampler_config(dict(node)), registry.MODEL_PARTS, trust, source, "sampler")
 
 
 def one_line(err: BaseException) -> str:
