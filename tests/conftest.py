@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """difflab's cache (model=ldm's autoencoders) in a folder of this session, never the user's ~/.cache/difflab;
+    the entry points run as subprocesses inherit it."""
+    previous = os.environ.get("DIFFLAB_CACHE_DIR")
+    os.environ["DIFFLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("difflab_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DIFFLAB_CACHE_DIR", None)
+    else:
+        os.environ["DIFFLAB_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -191,11 +191,6 @@ def test_ldm_with_a_mismatched_network_fails_at_start(autoencoder_ckpt, tmp_path
         run(make_cfg(tmp_path, "model=ldm", f"first_stage.ckpt={path}", "network=tiny"))
 
 
-def test_ldm_without_a_first_stage_says_what_to_run(tmp_path):
-    with pytest.raises(Exception, match="first_stage.ckpt=PATH"):
-        run(make_cfg(tmp_path, "model=ldm"))
-
-
 def test_sample_cli_edits_with_an_ldm(ldm_run, tmp_path):
     tmp, _ = ldm_run
     ckpt = tmp / "checkpoints" / "last.ckpt"

@@ -50,7 +50,9 @@ def test_train_command_line_mistakes_are_one_line_and_leave_no_run_dir(tmp_path,
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["model=ldm"], ("model=ldm needs exactly one first stage", "first_stage.ckpt=PATH")),
+    (["model=ldm", "first_stage.ckpt=a.ckpt", "first_stage.pretrained=b"],
+     ("model=ldm needs exactly one first stage", "both were given")),
+    (["model=ldm", "first_stage_training.budget=1.5"], ("first_stage_training.budget=1.5", "between 0 and 1")),
     (["model=ldm", "first_stage.ckpt=/nowhere/ae.ckpt"], ("first-stage checkpoint not found: /nowhere/ae.ckpt",)),
     (["conditioning=text", "text_encoder=clip", "text_encoder.name_or_path=/nowhere/clip",
       "text_encoder.local_files_only=true"], ("could not load the text encoder '/nowhere/clip'",)),

@@ -149,13 +149,20 @@ def stopped_by_signal(trainer: L.Trainer) -> LastCheckpoint | None:
 
 
 def run(cfg: DictConfig) -> L.Trainer:
-    """Train as ``python train.py`` does: seed, build, hold the run directory, fit (resuming per ``ckpt_path``)."""
+    """Train as ``python train.py`` does: seed, build, hold the run directory, fit (resuming per ``ckpt_path``). A
+    latent model given no first stage fits its autoencoder first (``difflab.first_stage_training``)."""
     import lightning as L
+
+    from difflab import first_stage_training
 
     # the EMA copy is meant to stay in eval mode while the network trains
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # lightning 2.6 on torch 2.14 warns about its own pytree use at every fit: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if first_stage_training.wanted(cfg):  # model=ldm given no first stage: fit (or reuse) an autoencoder first
+        cfg, stopped = first_stage_training.prepare(cfg)
+        if stopped is not None:
+            return stopped
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in config.yaml; stderr stays for errors
     model, datamodule, trainer = build(cfg)
     with locked_run_directory(trainer):
