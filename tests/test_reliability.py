@@ -134,6 +134,34 @@ def test_a_full_disk_leaves_the_previous_checkpoint_loadable_and_says_so(tmp_pat
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
+def test_a_write_that_really_fails_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real failure, not a patched exception: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the write
+    fail with EFBIG inside torch's zip writer, which raises a RuntimeError, as it does on a full disk."""
+    pytest.importorskip("resource")
+    code = f"""
+import json, resource, signal, torch
+from pathlib import Path
+from difflab.lightning.checkpoint_io import CheckpointWriteError, SafeCheckpointIO
+path = Path({str(tmp_path / "checkpoints" / "last.ckpt")!r})
+io = SafeCheckpointIO()
+io.save_checkpoint({{"global_step": 2, "state_dict": {{"w": torch.ones(3)}}}}, path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    io.save_checkpoint({{"global_step": 4, "state_dict": {{"w": torch.zeros(1_000_000)}}}}, path)
+    print(json.dumps({{"raised": None}}))
+except Exception as err:
+    print(json.dumps({{"raised": type(err).__name__, "message": str(err)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["raised"] == "CheckpointWriteError", outcome
+    assert "could not write checkpoint" in outcome["message"] and "previous last.ckpt is intact" in outcome["message"]
+    assert load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
 def test_a_run_whose_disk_fills_stops_with_the_previous_last_checkpoint_intact(tmp_path, monkeypatch):
     real_save = torch.save
 

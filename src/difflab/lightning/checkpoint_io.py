@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from difflab.errors import RunStopped
 from difflab.files import atomic_write
+from difflab.loading import one_line
 
 
 class CheckpointWriteError(RunStopped):
@@ -93,12 +94,18 @@ def _is_local(path) -> bool:
 def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
     # Our own writer rather than Lightning's fsspec transaction: the rename is the only change to the target, the
     # data is on disk before it, and a failed write says what was kept.
+    # Any exception: torch's zip writer reports a full disk or a file-size limit as a RuntimeError ("unexpected
+    # pos ..."), not an OSError.
     try:
         with atomic_write(path, keep_suffix=False, sync=True) as tmp:  # .last.ckpt.tmp-PID: not a *.ckpt
             torch.save(checkpoint, tmp)
-    except OSError as err:
+    except Exception as err:
         kept = f"the previous {path.name} is intact" if path.exists() else f"there was no previous {path.name}"
-        error = CheckpointWriteError(f"could not write checkpoint {path} ({err.strerror or err}); {kept}. Free space "
-                                     "or fix the folder, then resume with ckpt_path=auto")
-        error.errno = err.errno
+        if isinstance(err, OSError):
+            why = err.strerror or one_line(err)
+        else:
+            why = f"{type(err).__name__}: {one_line(err)}; a full disk, a file-size limit or a lost mount"
+        error = CheckpointWriteError(f"could not write checkpoint {path} ({why}); {kept}. Free space or fix the "
+                                     "folder, then resume with ckpt_path=auto")
+        error.errno = getattr(err, "errno", None)
         raise error from err
