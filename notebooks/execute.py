@@ -46,15 +46,18 @@ def execute(path: Path, workdir: Path, destination: Path | None = None) -> str |
 
     notebook = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory() as kernels:
+        kernel = python_kernel(Path(kernels))
         # record_timing=False: no per-cell timestamps, so that a re-run changes only what its outputs change
         client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", record_timing=False,
-                                         km=python_kernel(Path(kernels)),
-                                         resources={"metadata": {"path": str(workdir)}})
+                                         km=kernel, resources={"metadata": {"path": str(workdir)}})
         error = None
         try:
             client.execute()
         except nbclient.exceptions.CellExecutionError as err:  # its message holds the cell and its traceback
             error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # without IPython's colours
+        finally:  # given a km, nbclient does not own the kernel and leaves it running, with its trained models
+            if kernel.has_kernel:
+                kernel.shutdown_kernel(now=True)
     if destination is not None or error is None:
         notebook.metadata.pop("widgets", None)
         shrink_figures(notebook)

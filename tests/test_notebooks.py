@@ -52,3 +52,21 @@ def test_notebook_runs(path, tmp_path):
     error = executor().execute(path, workdir, destination=executed)
     if error is not None:
         pytest.fail(f"{path.relative_to(REPO)} failed (executed copy: {executed}):\n{error}", pytrace=False)
+
+
+@pytest.mark.slow
+def test_the_kernel_is_shut_down_after_its_notebook(tmp_path):
+    """Each notebook's kernel holds the models it trained: it must not outlive its notebook."""
+    for module in ("nbformat", "nbclient", "ipykernel"):
+        pytest.importorskip(module, reason='the notebook tests need the dev extra: pip install -e ".[dev]"')
+    import os
+
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.getpid())")])
+    path, executed = tmp_path / "pid.ipynb", tmp_path / "executed.ipynb"
+    nbformat.write(notebook, path)
+    assert executor().execute(path, tmp_path, destination=executed) is None
+    pid = int(nbformat.read(executed, as_version=4).cells[0].outputs[0]["text"])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
