@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from difflab.data.images import UnreadableImageError, fit_transform, read_image
+from difflab.data.images import MAX_ASPECT_RATIO, MAX_PIXELS, UnreadableImageError, fit_transform, read_image
 from difflab.data.layout import NO_LABEL, FolderLayout
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -103,8 +103,10 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, image_size: int = 32, channels: int = 3, random_flip: bool = False,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, max_pixels: int | None = MAX_PIXELS,
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO):
         layout = FolderLayout.read(root, class_names)
+        self.max_pixels, self.max_aspect_ratio = max_pixels, max_aspect_ratio  # larger or longer: unreadable
         self.root, self.items, self.class_names = layout.root, layout.items, layout.class_names
         self.name = f"imagefolder_{self.root.resolve().name}"  # keys cached statistics (FID)
         self.channels = channels
@@ -117,7 +119,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label, text = self.items[index]
         try:
-            pixels = read_image(path, self.channels)
+            pixels = read_image(path, self.channels, self.max_pixels, self.max_aspect_ratio)
         except (UnreadableImageError, FileNotFoundError) as err:  # a file listed in metadata.jsonl may be missing
             raise UnreadableImageError(f"{err} (find every unreadable file: python -m difflab.data.check {self.root}; "
                                        f"skip them while training: data.on_error=skip)", path=path) from err

@@ -26,29 +26,65 @@ class UnreadableImageError(OSError, ValueError):
         self.path = path
 
 
-def read_image(path: str | Path, channels: int) -> Tensor:
-    """An image file as uint8 (channels, H, W): converted to grayscale (1) or RGB (3)."""
+# Refused from the header, before a pixel is decoded: a 101-byte 1x20000 PNG would become a 20000x32 (or, resized
+# for a larger model, far bigger) tensor, and PIL's own bomb check only looks at the pixel count.
+MAX_PIXELS = 1 << 26  # 67 megapixels: an 8192 x 8192 photograph
+MAX_ASPECT_RATIO = 16.0  # longer side / shorter side: wide panoramas pass, strips of pixels do not
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def read_image(path: str | Path, channels: int, max_pixels: int | None = MAX_PIXELS,
+               max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> Tensor:
+    """An image file as uint8 (channels, H, W): converted to grayscale (1) or RGB (3); one larger than
+    ``max_pixels`` or more elongated than ``max_aspect_ratio`` is refused as unreadable (None: no limit)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return _decode(path, channels, path)
+    return _decode(path, channels, path, max_pixels, max_aspect_ratio)
 
 
-def decode_image(data: bytes, channels: int, name: str) -> Tensor:
+def decode_image(data: bytes, channels: int, name: str, max_pixels: int | None = MAX_PIXELS,
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> Tensor:
     """Encoded image bytes (a tar shard's member) as uint8 (channels, H, W); ``name`` says where they came from."""
-    return _decode(io.BytesIO(data), channels, name)
+    return _decode(io.BytesIO(data), channels, name, max_pixels, max_aspect_ratio)
 
 
-def _decode(file, channels: int, name: str | Path) -> Tensor:
+def _decode(file, channels: int, name: str | Path, max_pixels: int | None, max_aspect_ratio: float | None) -> Tensor:
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
         with Image.open(file) as img:
+            _check_size(img.size, name, max_pixels, max_aspect_ratio)
+            if img.mode in SIXTEEN_BIT_MODES:  # PIL's convert("L") clips 16-bit values at 255 instead of scaling
+                img = _eight_bit(img)
             return pil_to_tensor(img.convert("L" if channels == 1 else "RGB"))  # decodes every pixel
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL reports some corrupt files (a PNG chunk's bad checksum) as SyntaxError or ValueError
+        if isinstance(err, UnreadableImageError):
+            raise
         raise UnreadableImageError(f"cannot read image {name}: {err}", path=name) from err
+
+
+def _check_size(size: tuple[int, int], name, max_pixels: int | None, max_aspect_ratio: float | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise UnreadableImageError(f"image {name} is {width}x{height} pixels, more than max_pixels={max_pixels:,} "
+                                   "(raise data.dataset.max_pixels to read it)", path=name)
+    ratio = max(width, height) / max(1, min(width, height))
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        raise UnreadableImageError(f"image {name} is {width}x{height} pixels, an aspect ratio of {ratio:g}, more than "
+                                   f"max_aspect_ratio={max_aspect_ratio:g} (raise data.dataset.max_aspect_ratio to "
+                                   "read it)", path=name)
+
+
+def _eight_bit(img):
+    """A 16-bit grayscale image as 8-bit grayscale, 0..65535 scaled to 0..255 (rounded)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), mode="L")
 
 
 def fit_transform(size: int, channels: int, random_flip: bool = False) -> v2.Compose:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,7 @@ class FolderLayout:
             items = []
             for n, line in enumerate(metadata.read_text().splitlines(), 1):
                 if line.strip():
-                    try:
-                        record = json.loads(line)
-                        items.append((root / record["file_name"], NO_LABEL, str(record.get("text", ""))))
-                    except (json.JSONDecodeError, KeyError) as err:
-                        raise UsageError(f"{metadata}:{n}: expected {{'file_name': ..., 'text': ...}}: {err}") from err
+                    items.append(_metadata_record(metadata, n, line))
             names: list[str] = []
         else:
             found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -67,6 +64,24 @@ class FolderLayout:
             raise UsageError(f"{self.root} mixes grayscale ({len(gray)}, e.g. {gray[0]}) and colour ({len(colour)}, "
                              f"e.g. {colour[0]}) images: set data.channels=1 or data.channels=3 to convert them all")
         return 1 if gray else 3
+
+
+def _metadata_record(metadata: Path, n: int, line: str) -> tuple[Path, int, str]:
+    """Line ``n`` of a metadata.jsonl as (path, NO_LABEL, caption): a JSON object whose ``file_name`` is a relative
+    path inside the folder (an absolute path or ``..`` would read any file of the machine as a training image)."""
+    where = f"{metadata}:{n}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not JSON ({err}); expected {{\"file_name\": ..., \"text\": ...}}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+        raise UsageError(f"{where}: expected an object with a \"file_name\" string, got {line.strip()[:80]}")
+    # lexically, not resolved: a symlink inside the folder to a shared store is the user's own choice
+    name = os.path.normpath(record["file_name"])
+    if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
+        raise UsageError(f"{where}: file_name {record['file_name']!r} is outside {metadata.parent}; metadata.jsonl "
+                         "names files inside its own folder")
+    return metadata.parent / record["file_name"], NO_LABEL, str(record.get("text", ""))
 
 
 def is_grayscale_file(path: Path) -> bool:
