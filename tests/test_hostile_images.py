@@ -82,3 +82,34 @@ def test_metadata_inside_the_folder_is_read(tmp_path):
     root = write_metadata(tmp_path / "data", json.dumps({"file_name": "./a.png", "text": "a caption"}))
     layout = FolderLayout.read(root)
     assert [(p.name, text) for p, _, text in layout.items] == [("a.png", "a caption")]
+
+
+def test_caches_of_a_folder_go_stale_when_its_files_change(tmp_path):
+    """The FID real-statistics cache (and the latent cache, keyed the same way) follow the files, not the name."""
+    import os
+    from types import SimpleNamespace
+
+    from torch.utils.data import Subset
+
+    from difflab.lightning.fid import FIDCallback
+    from difflab.metrics.features import dataset_key
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8), 30 * i).save(folder / f"{i}.png")
+
+    def fid_cache_path():
+        train_set = Subset(ImageFolder(tmp_path / "images", image_size=8, channels=1), range(3))
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_set=train_set, image_size=8, split_seed=0),
+                                  default_root_dir=str(tmp_path / "run"))
+        return FIDCallback(SimpleNamespace(name="digit"), num_samples=3)._cache_path(trainer), dataset_key(train_set)
+
+    first, key = fid_cache_path()
+    assert key.startswith("imagefolder_images_") and fid_cache_path()[0] == first  # the same files: the same key
+    Image.new("L", (8, 8), 255).save(folder / "1.png")  # replaced: same name, new bytes
+    os.utime(folder / "1.png", ns=(10**9, 10**9))
+    replaced = fid_cache_path()[0]
+    assert replaced != first
+    Image.new("L", (8, 8), 255).save(folder / "4.png")  # added
+    assert fid_cache_path()[0] not in (first, replaced)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from difflab.data.fingerprint import data_fingerprint
 from difflab.data.images import MAX_ASPECT_RATIO, MAX_PIXELS, UnreadableImageError, fit_transform, read_image
 from difflab.data.layout import NO_LABEL, FolderLayout
 
@@ -108,7 +109,8 @@ class ImageFolder(Dataset):
         layout = FolderLayout.read(root, class_names)
         self.max_pixels, self.max_aspect_ratio = max_pixels, max_aspect_ratio  # larger or longer: unreadable
         self.root, self.items, self.class_names = layout.root, layout.items, layout.class_names
-        self.name = f"imagefolder_{self.root.resolve().name}"  # keys cached statistics (FID)
+        self.name = f"imagefolder_{self.root.resolve().name}"  # names cached statistics (FID) and latents
+        self.fingerprint = data_fingerprint({"root": str(self.root)})  # and keys them: stale when a file changes
         self.channels = channels
         self.random_flip = random_flip  # latent caching reads it: a cached latent would freeze one flip
         self.transform = fit_transform(image_size, channels, random_flip)

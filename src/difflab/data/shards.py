@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
+from difflab.data.fingerprint import data_fingerprint
 from difflab.data.images import UnreadableImageError, decode_image
 from difflab.data.unreadable import CountsSkippedFiles, SkippedFiles, check_on_error, collate_skipped
 from difflab.errors import UsageError
@@ -137,6 +138,7 @@ class ShardedImages(IterableDataset):
             v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * channels, [0.5] * channels),
         ])
         self.name = f"webdataset_{Path(self.urls[0]).parent.name}"
+        self.fingerprint = data_fingerprint({"urls": self.urls})  # keys cached statistics: stale when a shard changes
 
     def _sample(self, sample: dict) -> dict | None:
         name = f"{sample.get('__url__')}:{sample['__key__']}.png"

@@ -17,7 +17,7 @@ from difflab.evaluation import Scorer
 from difflab.files import atomic_write
 from difflab.lightning.callbacks import Periodic, save_and_log_grid
 from difflab.lightning.compat import checkpoint_every_n_steps, record_metric
-from difflab.metrics.features import AutoFeatures, choose_extractor, dataset_name, extract
+from difflab.metrics.features import AutoFeatures, choose_extractor, dataset_key, extract
 
 
 class FIDCallback(Periodic):
@@ -30,8 +30,8 @@ class FIDCallback(Periodic):
     watch it, and it ends up in metrics.json; ``val/fid_<n>_low`` / ``_high`` bound it. Samples use ``sampler``
     (default: the module's) through the module's ``pipeline()`` and, for conditional models, the conditioner's
     balanced ``examples`` with the module's guidance scale. The real features are computed once and cached in
-    ``cache_dir`` under a key of dataset, split, resolution, extractor and n. Under DDP every rank samples its share
-    with its own seed and the features are gathered on all ranks, which then log the same value.
+    ``cache_dir`` under a key of dataset (and its files), split, resolution, extractor and n. Under DDP every rank
+    samples its share with its own seed and the features are gathered on all ranks, which then log the same value.
     """
 
     def __init__(self, extractor: torch.nn.Module | AutoFeatures, every_n_steps: int = 1000, num_samples: int = 1000,
@@ -100,7 +100,7 @@ class FIDCallback(Periodic):
     def _cache_path(self, trainer: L.Trainer) -> Path:
         datamodule = trainer.datamodule
         size = datamodule.image_size
-        key = f"{dataset_name(datamodule.train_set)}_train{len(datamodule.train_set)}_seed{datamodule.split_seed}_" \
+        key = f"{dataset_key(datamodule.train_set)}_train{len(datamodule.train_set)}_seed{datamodule.split_seed}_" \
               f"{size}px_{self.extractor.name}_n{self.num_samples}.pt"
         root = Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "fid_stats"
         return root / key

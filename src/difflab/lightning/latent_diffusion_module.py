@@ -78,10 +78,12 @@ class LatentDiffusionModule(DiffusionModule):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        dataset = getattr(getattr(datamodule, "dataset", None), "name", "dataset")
-        digest.update(f"{dataset}/{self.image_size}".encode())
+        dataset = getattr(datamodule, "dataset", None)
+        label = getattr(dataset, "name", "dataset")
+        # the files' listing too: a folder whose images changed must not reuse the old latents
+        digest.update(f"{label}/{getattr(dataset, 'fingerprint', '')}/{self.image_size}".encode())
         rank = self.global_rank if self._trainer is not None else 0
-        return Path(self.latent_cache_dir) / f"latents_{dataset}_{digest.hexdigest()[:16]}_rank{rank}.pt"
+        return Path(self.latent_cache_dir) / f"latents_{label}_{digest.hexdigest()[:16]}_rank{rank}.pt"
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

