@@ -91,6 +91,15 @@ def test_a_resumed_run_uses_its_own_autoencoder_and_a_given_one_skips_the_stage(
     assert not wanted(given)
 
 
+def test_a_cache_that_cannot_be_written_is_warned_about_and_the_run_goes_on(tmp_path):
+    (tmp_path / "not_a_folder").write_text("a file where the cache folder would be")
+    with pytest.warns(UserWarning, match="could not cache the autoencoder"):
+        run(make_cfg(tmp_path / "run", "model=ldm", *SMALL, "trainer.max_steps=3",
+                     f"first_stage_training.cache_dir={tmp_path / 'not_a_folder'}"))
+    assert (tmp_path / "run" / STAGE_DIR / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_the_cache_key_follows_the_data_files_and_the_autoencoder_config(tmp_path):
     from PIL import Image
 

@@ -76,17 +76,29 @@ def prepare(cfg: DictConfig) -> tuple[DictConfig | None, L.Trainer | None]:
         if stopped_by_signal(trainer) is not None:
             return None, trainer
         if trainer.is_global_zero:
-            if cached is not None:
-                with atomic_write(cached, sync=True) as tmp:
-                    shutil.copyfile(checkpoint, tmp)
-                write_text(cached.parent / "data.json", json.dumps(
-                    OmegaConf.to_container(cfg.data, resolve=True), indent=2, default=str) + "\n")
             write_text(record, json.dumps({"trained": True, "cache_key": key}) + "\n")
+            if cached is not None:
+                _store(checkpoint, cached, cfg)
     latent = _split(cfg, settings.budget) if trained_here else copy.deepcopy(cfg)
     with open_dict(latent):
         # an interpolation: a moved run directory still finds its own autoencoder
         latent.first_stage.ckpt = "${paths.output_dir}/" + f"{STAGE_DIR}/checkpoints/last.ckpt"
     return latent, None
+
+
+def _store(checkpoint: Path, cached: Path, cfg: DictConfig) -> None:
+    """Copy the trained autoencoder into the cache; a cache that cannot be written (full, read-only) is warned
+    about, and the run goes on with the autoencoder in its own directory."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    try:
+        with atomic_write(cached, sync=True) as tmp:
+            shutil.copyfile(checkpoint, tmp)
+        write_text(cached.parent / "data.json", json.dumps(
+            OmegaConf.to_container(cfg.data, resolve=True), indent=2, default=str) + "\n")
+    except OSError as err:
+        rank_zero_warn(f"could not cache the autoencoder in {cached.parent} ({err.strerror or err}); it is kept in "
+                       f"{checkpoint}, and the next run on this data trains its own")
 
 
 def autoencoder_config(cfg: DictConfig, stage_dir: Path) -> DictConfig:
