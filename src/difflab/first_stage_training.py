@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from difflab.data.fingerprint import data_fingerprint
 from difflab.files import atomic_write, write_text
 from difflab.lr_schedule import duration_seconds
+from difflab.registry import target_of
 
 if TYPE_CHECKING:
     import lightning as L
@@ -32,7 +33,7 @@ def wanted(cfg: DictConfig) -> bool:
     """A latent model whose first stage is difflab's loader with neither ``ckpt`` nor ``pretrained`` given."""
     node = OmegaConf.select(cfg, "model.first_stage")
     return (isinstance(node, DictConfig) and "first_stage_training" in cfg
-            and node.get("_target_") == LOAD_FIRST_STAGE
+            and target_of(node) == LOAD_FIRST_STAGE
             and node.get("ckpt") is None and node.get("pretrained") is None)
 
 
@@ -114,7 +115,7 @@ def autoencoder_config(cfg: DictConfig, stage_dir: Path) -> DictConfig:
         stage.ckpt_path = "auto" if cfg.ckpt_path is not None else None
         callbacks = stage.get("callbacks") or {}
         for name in [name for name, node in callbacks.items()
-                     if node is not None and str(node.get("_target_", "")).startswith(DIFFUSION_ONLY_CALLBACKS)]:
+                     if str(target_of(node) or "").startswith(DIFFUSION_ONLY_CALLBACKS)]:
             del callbacks[name]
     return stage
 

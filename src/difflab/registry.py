@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from difflab.errors import UsageError
@@ -65,7 +65,7 @@ def describe(factory: Callable[..., Any], recursive: bool = True, **kwargs: Any)
 
 def target_of(node: Any) -> str | None:
     """The dotted name a description's node is built by (None for a plain value)."""
-    return node.get("_target_") if isinstance(node, dict) else None
+    return node.get("_target_") if isinstance(node, Mapping) else None  # a dict, or a DictConfig node
 
 
 def targets(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
