@@ -71,6 +71,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     from lightning.pytorch.callbacks import ProgressBar
 
     from difflab.data.layout import resolve_folder_config
+    from difflab.lightning import slurm
     from difflab.lightning.checkpoint_io import SafeCheckpointIO
 
     resolve_folder_config(cfg.data)
@@ -86,24 +87,30 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         raise UsageError("trainer.strategy=fsdp is not supported: difflab's EMA copy and FSDP's sharded parameters "
                          "are untested together; use trainer.strategy=ddp")
     # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()])
+    # under SLURM, requeue is LastCheckpoint's (last.ckpt at a step's end), not Lightning's hpc_ckpt (slurm.py)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          plugins=[SafeCheckpointIO(), *slurm.cluster_plugins()])
     return model, datamodule, trainer
 
 
 def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
-    """``ckpt_path``: a file to resume from; ``auto``: this run directory's ``checkpoints/last.ckpt`` if it exists
-    (a restarted or requeued job continues, a first run starts fresh); null: start fresh."""
+    """``ckpt_path``: a file to resume from; ``auto``: this run directory's newest checkpoint, ``checkpoints/
+    last.ckpt`` or an ``hpc_ckpt_<n>.ckpt`` Lightning's SLURM requeue left (a restarted or requeued job continues,
+    a first run starts fresh; older hpc files are removed); null: start fresh."""
     from lightning.pytorch.utilities import rank_zero_info
 
+    from difflab.lightning import slurm
     from difflab.lightning.last_checkpoint import LastCheckpoint
 
     if cfg.ckpt_path == "auto":
-        last = LastCheckpoint.checkpoint_path(trainer)
-        if not last.is_file():
+        newest = slurm.newest_checkpoint(LastCheckpoint.checkpoint_path(trainer), Path(trainer.default_root_dir))
+        if newest is None:
             return None
-        rank_zero_info(f"resuming from {last} (ckpt_path=auto: this run directory's last checkpoint; "
+        if trainer.is_global_zero:
+            slurm.prune_hpc_checkpoints(Path(trainer.default_root_dir), keep=newest)
+        rank_zero_info(f"resuming from {newest} (ckpt_path=auto: this run directory's newest checkpoint; "
                        "ckpt_path=null starts afresh)")
-        return str(last)
+        return str(newest)
     if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
         raise MissingFileError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
     return cfg.ckpt_path
@@ -190,6 +197,11 @@ def fit(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataMo
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_wandb_runs(trainer.loggers)
+    if trainer.is_global_zero:  # hpc_ckpt files an older requeue left: last.ckpt is newer now
+        from difflab.lightning import slurm
+        from difflab.lightning.last_checkpoint import LastCheckpoint
+
+        slurm.prune_hpc_checkpoints(Path(trainer.default_root_dir), keep=LastCheckpoint.checkpoint_path(trainer))
     stopped = stopped_by_signal(trainer)
     if stopped is not None:  # preempted: last.ckpt is written; the signal's owner (submitit: requeue) acts now
         stopped.pass_on_signal()

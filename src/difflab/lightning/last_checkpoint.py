@@ -21,8 +21,10 @@ class LastCheckpoint(L.Callback):
     ``checkpoints/last.ckpt`` and stop cleanly; ``python train.py ... ckpt_path=auto`` in the same run directory
     then resumes from it (step, optimizer, EMA, and the W&B run, whose id is kept in the run directory).
 
-    Under SLURM with Lightning's auto-requeue, SIGUSR1 belongs to Lightning's ``SLURMEnvironment`` (it saves an
-    ``hpc_ckpt`` and requeues the job): this callback then leaves SIGUSR1 alone, so that only one party requeues.
+    Under SLURM (``#SBATCH --signal=SIGUSR1@90 --requeue``), SIGUSR1 is the time-limit notice: after writing
+    ``last.ckpt`` rank zero requeues the job (``scontrol requeue``; ``difflab.lightning.slurm``), and the requeued
+    job resumes at the signalled step. Lightning's own auto-requeue is off (``slurm.cluster_plugins``); were it
+    on, this callback would leave SIGUSR1 to it, so that only one party requeues.
     Under submitit (Hydra's submitit launchers; ``SUBMITIT_EXECUTOR`` is set) requeue belongs to submitit, which
     listens to ``SUBMITIT_PREEMPT_SIGNAL`` (USR2 by default): this callback listens to it too, writes
     ``last.ckpt`` when training has stopped, then calls submitit's handler, which resubmits the job and exits. If
@@ -31,8 +33,11 @@ class LastCheckpoint(L.Callback):
     Under DDP a signal that reaches one rank stops all of them at the same step (an any-rank reduction).
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), handoff_timeout_s: float = 60.0):
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), handoff_timeout_s: float = 60.0,
+                 slurm_requeue: bool = True):
         self.signals = tuple(signals)
+        self.slurm_requeue = slurm_requeue
+        self._requeue_here = False  # under SLURM, on global rank zero: SIGUSR1 requeues the job after the save
         self.handoff_timeout_s = handoff_timeout_s
         self.received: str | None = None
         self._original: dict[int, object] = {}  # the handlers before Lightning's and ours
@@ -79,6 +84,8 @@ class LastCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         environment = cluster_environment(trainer)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and getattr(environment, "auto_requeue", False)
+        self._requeue_here = (self.slurm_requeue and isinstance(environment, SLURMEnvironment) and not slurm_requeue
+                              and self._submitit_signal() is None and trainer.is_global_zero)
         for name in self.listened_signals():
             if name == "SIGUSR1" and slurm_requeue:
                 continue
@@ -130,10 +137,14 @@ class LastCheckpoint(L.Callback):
 
     def pass_on_signal(self) -> None:
         """Once training has stopped and ``last.ckpt`` is written (``trainer.fit`` returned), hand submitit's
-        preemption signal to submitit's handler, which resubmits the job and exits. Other signals are not passed
-        on: training stopped cleanly and the process ends on its own."""
+        preemption signal to submitit's handler, which resubmits the job and exits; under SLURM, requeue the job on
+        SIGUSR1 (rank zero). Other signals are not passed on: training stopped cleanly and the process ends."""
         if self.received is not None and signal.Signals[self.received] == self._submitit_signal():
             self._hand_off()
+        elif self.received == "SIGUSR1" and self._requeue_here:
+            from difflab.lightning import slurm
+
+            slurm.requeue()
 
     def _hand_off(self) -> None:
         if self._handed_off:
