@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -211,9 +212,11 @@ def sleeper():
 
 
 def write_lock(run_dir: Path, **holder) -> Path:
+    """A lock as a process in this pid namespace writes it (unless ``holder`` says otherwise)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
-    path.write_text(json.dumps({"started": "earlier", **holder}))
+    path.write_text(json.dumps({"started": "earlier", "pid_namespace": RunLock(run_dir).me.get("pid_namespace"),
+                                **holder}))
     return path
 
 
@@ -257,6 +260,63 @@ def test_lock_staleness_on_other_hosts_and_slurm_requeues(tmp_path, monkeypatch)
     write_lock(tmp_path, pid=1, host="another-node", slurm_job_id="42", slurm_restart_count="1")
     with pytest.raises(RunDirectoryLocked):  # the same incarnation on another node: a live overlap
         RunLock(tmp_path).acquire()
+
+
+def test_a_requeue_on_the_same_node_takes_over_even_if_the_old_pid_is_alive(tmp_path, monkeypatch, sleeper):
+    """SLURM never runs two incarnations of a job: the earlier one's pid, reused here by a live process, proves
+    nothing."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    write_lock(tmp_path, pid=sleeper.pid, host=socket.gethostname(), slurm_job_id="42", slurm_restart_count="0")
+    lock = RunLock(tmp_path).acquire()
+    assert lock.took_over["slurm_restart_count"] == "0"
+    lock.release()
+
+
+def test_a_pid_is_no_proof_across_pid_namespaces_or_after_reuse(tmp_path, sleeper):
+    # a container sharing our hostname: its live holder's pid means nothing here, its heartbeat does
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    path = write_lock(tmp_path, pid=int(dead), host=socket.gethostname(), pid_namespace="pid:[another]")
+    with pytest.raises(RunDirectoryLocked, match=f"in use by process {dead}"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    RunLock(tmp_path).acquire().release()  # its heartbeat stopped: taken over
+    # our namespace, a live pid started at another time than the holder's: the pid was reused
+    write_lock(tmp_path, pid=sleeper.pid, host=socket.gethostname(), pid_start_time="1")
+    lock = RunLock(tmp_path).acquire()
+    assert lock.took_over["pid"] == sleeper.pid
+    lock.release()
+
+
+def _start_together(run_dir: str, barrier, done, results) -> None:
+    barrier.wait()
+    try:
+        RunLock(run_dir).acquire()  # held until the process exits
+        results.put("held")
+    except RunDirectoryLocked:
+        results.put("refused")
+    done.wait(30)
+
+
+def test_of_concurrent_starters_on_a_dead_holders_lock_exactly_one_takes_it(tmp_path, sleeper):
+    sleeper.kill()
+    sleeper.wait()
+    context = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        run_dir = tmp_path / str(attempt)
+        write_lock(run_dir, pid=sleeper.pid, host=socket.gethostname())
+        barrier, done, results = context.Barrier(6), context.Event(), context.Queue()
+        starters = [context.Process(target=_start_together, args=(str(run_dir), barrier, done, results))
+                    for _ in range(6)]
+        for p in starters:
+            p.start()
+        outcomes = sorted(results.get(timeout=30) for _ in starters)
+        done.set()
+        for p in starters:
+            p.join(10)
+        assert outcomes == ["held"] + ["refused"] * 5, f"attempt {attempt}: {outcomes}"
 
 
 # ---- SIGKILL at random points -------------------------------------------------------------------------------
