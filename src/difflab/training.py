@@ -73,6 +73,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     from difflab.data.layout import resolve_folder_config
     from difflab.lightning import slurm
     from difflab.lightning.checkpoint_io import SafeCheckpointIO
+    from difflab.lightning.strategies import strategy_from_name
 
     resolve_folder_config(cfg.data)
     datamodule = instantiate(cfg.data)
@@ -86,10 +87,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if str(cfg.trainer.get("strategy", "")).startswith("fsdp"):
         raise UsageError("trainer.strategy=fsdp is not supported: difflab's EMA copy and FSDP's sharded parameters "
                          "are untested together; use trainer.strategy=ddp")
-    # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped
-    # under SLURM, requeue is LastCheckpoint's (last.ckpt at a step's end), not Lightning's hpc_ckpt (slurm.py)
+    # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped;
+    # under SLURM, requeue is LastCheckpoint's (last.ckpt at a step's end), not Lightning's hpc_ckpt (slurm.py);
+    # DDP whose ranks all stop when rank zero's checkpoint write fails
+    extra = {"strategy": strategy_from_name(cfg.trainer.strategy)} if "strategy" in cfg.trainer else {}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                          plugins=[SafeCheckpointIO(), *slurm.cluster_plugins()])
+                          plugins=[SafeCheckpointIO(), *slurm.cluster_plugins()], **extra)
     return model, datamodule, trainer
 
 
@@ -213,16 +216,30 @@ def fit(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataMo
 @contextmanager
 def locked_run_directory(trainer: L.Trainer) -> Iterator[None]:
     """On global rank zero, hold the run directory's lock while training (a second live process there is refused,
-    a dead one's lock taken over) and clear the partial files a killed predecessor left."""
+    a dead one's lock taken over) and clear the partial files a killed predecessor left. When a scheduler started
+    every rank, they form the process group first, so that a refusal stops all of them."""
     from lightning.pytorch.utilities import rank_zero_info
 
+    from difflab.all_ranks import fail_together
     from difflab.lightning.last_checkpoint import LastCheckpoint
     from difflab.run_lock import RunLock
 
-    if not trainer.is_global_zero:
+    if all_ranks_started_by_scheduler(trainer):  # SLURM, torchrun: every rank must hear rank zero's refusal
+        trainer.strategy.setup_environment()  # the process group, early (fit finds it made)
+        lock, error = None, None
+        if trainer.is_global_zero:
+            try:
+                lock = RunLock(trainer.default_root_dir).acquire()
+            except Exception as err:  # whatever it is, the other ranks must not wait for rank zero
+                error = err
+        fail_together(error, trainer.strategy.root_device)
+    elif trainer.is_global_zero:  # one process, or rank zero before it starts the others
+        lock = RunLock(trainer.default_root_dir).acquire()
+    else:
+        lock = None
+    if lock is None:
         yield
         return
-    lock = RunLock(trainer.default_root_dir).acquire()
     try:
         if lock.took_over is not None:
             rank_zero_info(f"took over the run directory from process {lock.took_over.get('pid')} on "
@@ -232,6 +249,18 @@ def locked_run_directory(trainer: L.Trainer) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def all_ranks_started_by_scheduler(trainer: L.Trainer) -> bool:
+    """Whether every rank of this multi-process run was started by SLURM, torchrun, MPI, ... (each runs this code),
+    rather than by Lightning's launcher from rank zero (which then takes the run lock before the others exist)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from difflab.lightning.compat import cluster_environment
+
+    environment = cluster_environment(trainer)
+    return trainer.world_size > 1 and environment is not None and environment.creates_processes_externally \
+        and not isinstance(environment, LightningEnvironment)
 
 
 METRICS_FILE = "metrics.json"

@@ -1,7 +1,8 @@
 """Unreadable files in the training data (``data.on_error``): ``raise`` stops at the first one, naming it; ``skip``
 replaces it in its batch, reports each once in the main process and stops once more than ``data.max_skip_fraction``
 of the data is unreadable. DataLoader workers are separate processes, so the skipped paths travel with the batch
-(``batch["skipped"]``) and the datamodule's ``on_before_batch_transfer`` counts them."""
+(``batch["skipped"]``) and the datamodule's ``on_before_batch_transfer`` counts them; under DDP a rank over the
+limit stops every rank."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 from torch.utils.data import Subset, default_collate
 
+from difflab.all_ranks import fail_together
 from difflab.data.images import UnreadableImageError
 from difflab.errors import RunStopped, UsageError
 
@@ -109,11 +111,18 @@ class CountsSkippedFiles:
     skipped: SkippedFiles | None = None
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.skipped is None or not isinstance(batch, dict) or SKIPPED_KEY not in batch:
+        if self.skipped is None or not isinstance(batch, dict):
             return batch
-        skipped = batch.pop(SKIPPED_KEY)
-        if self.skipped.update(skipped, len(batch["image"])):
-            trainer = getattr(self, "trainer", None)
+        trainer = getattr(self, "trainer", None)
+        error, new, skipped = None, [], batch.pop(SKIPPED_KEY, None)
+        try:
+            if skipped is not None:
+                new = self.skipped.update(skipped, len(batch["image"]))
+        except RunStopped as err:
+            error = err
+        # under DDP each rank counts its own files: a rank over the limit stops every rank, now
+        fail_together(error, trainer.strategy.root_device if trainer is not None else "cpu")
+        if new:
             for logger in trainer.loggers if trainer is not None else ():
                 logger.log_metrics({METRIC: len(self.skipped.paths)}, step=trainer.global_step)
         return batch
