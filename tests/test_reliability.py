@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -105,6 +106,29 @@ def test_a_few_non_finite_steps_are_skipped_without_touching_weights_optimizer_o
 
 
 # ---- checkpoint files -----------------------------------------------------------------------------------------
+
+
+def test_fp16_grad_scaler_overflows_are_not_non_finite_steps(tmp_path):
+    """fp16 with a GradScaler overflows routinely (here for the first ~25 steps, from a scale of 2^40): those steps
+    are the scaler's to skip, so the guard neither counts them nor holds the checkpoints due meanwhile, and the EMA
+    is updated once per step the optimizer really took."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model, datamodule, _ = build(make_cfg(tmp_path, "trainer.max_steps=40"))
+    guard, scaler = NonFiniteGuard(max_consecutive=5), torch.amp.GradScaler("cpu", init_scale=2.0**40,
+                                                                            growth_interval=10_000)
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path,
+                        plugins=[SafeCheckpointIO(), MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                        callbacks=[guard, ModelCheckpoint(tmp_path / "checkpoints", "step_{step}", save_top_k=-1,
+                                                          every_n_train_steps=10, auto_insert_metric_name=False)])
+    trainer.fit(model, datamodule=datamodule)
+    overflows = round(math.log2(2.0**40 / scaler.get_scale()))  # the scale halves at each overflow, and only then
+    assert 10 < overflows < 40 and guard.skipped == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
+        f"step_{n}.ckpt" for n in (10, 20, 30, 40)]
+    assert int(model.ema_updates) == 40 - overflows
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_and_not_written(tmp_path):

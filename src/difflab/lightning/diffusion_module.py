@@ -136,9 +136,13 @@ class DiffusionModule(DifflabModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # here rather than in on_train_batch_end, which runs after the checkpoint callback's
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         super().optimizer_step(*args, **kwargs)
-        # a step the non-finite guard skipped has no gradients left: the EMA skips it too
-        if any(p.grad is not None for p in self.network.parameters()):
+        # a step the non-finite guard skipped has no gradients left, and fp16's GradScaler lowers its scale on the
+        # overflowing steps it skips: the EMA skips those too
+        overflowed = scale is not None and scaler.get_scale() < scale
+        if not overflowed and any(p.grad is not None for p in self.network.parameters()):
             self.update_ema()
 
     @torch.no_grad()

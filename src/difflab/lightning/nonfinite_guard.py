@@ -16,9 +16,17 @@ class TrainingDiverged(RunStopped):
     """The loss, the gradients or the EMA weights stayed non-finite: training cannot recover on its own."""
 
 
+def uses_grad_scaler(trainer: L.Trainer) -> bool:
+    """Whether the optimizer steps go through an enabled GradScaler (``precision=16-mixed``)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler is not None and scaler.is_enabled()
+
+
 class NonFiniteGuard(L.Callback):
     """A step whose loss or gradient norm is non-finite is skipped: its gradients are dropped before the optimizer
-    (and the module's EMA update, which needs gradients) sees them. Skips are counted in ``train/skipped_steps``.
+    (and the module's EMA update, which needs gradients) sees them. Under fp16's GradScaler, non-finite gradients
+    with a finite loss are the scaler's routine overflow (it skips that step itself): not counted, nothing held.
+    Skips are counted in ``train/skipped_steps``.
     ``max_consecutive`` skips in a row, or non-finite EMA weights (checked at logging steps), stop the run with
     ``TrainingDiverged`` naming the step and the last good checkpoint. While skipping, checkpoint writes are held
     (``SafeCheckpointIO.hold``): the weights would reproduce the NaN, and must not replace ``last.ckpt``.
@@ -49,8 +57,11 @@ class NonFiniteGuard(L.Callback):
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        if uses_grad_scaler(trainer):  # fp16: an overflow in the gradients is the scaler's to skip (it lowers the
+            finite = torch.tensor(True)  # scale and skips the step); only a non-finite loss is a non-finite step
+        else:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
         if self._loss_finite is not None:
             finite = finite & self._loss_finite.to(finite.device)
         self._loss_finite = None
