@@ -151,3 +151,68 @@ def test_shard_members_are_never_unpickled(tmp_path):
     samples = list(ShardedImages(str(tmp_path / "shard-000000.tar"), image_size=8))
     assert len(samples) == 1 and samples[0]["label"] == 1 and samples[0]["caption"] == "a red square"
     assert not marker.exists()
+
+
+# ---- odd and hostile shards ----------------------------------------------------------------------------------
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]):
+    """A tar of ``{key: {extension: bytes}}`` members, as webdataset reads them."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def encoded(format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 0)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def test_missing_and_unopenable_shards_count_toward_the_skip_limit(shards, tmp_path):
+    from difflab.errors import RunStopped, UsageError
+
+    (shards / "shard-000006.tar").write_bytes(b"not a tar file")
+    pattern = str(shards / "shard-{000000..000009}.tar")  # 6 good, 1 not a tar, 3 missing
+    with pytest.raises(UsageError, match=r"4 of the 10 shards are missing or not tar files .*on_error=skip"):
+        ShardedImages(pattern, image_size=8)
+    with pytest.raises(RunStopped, match=r"4 of the 10 shards .*more than data.max_skip_fraction=0.01"):
+        ShardedImages(pattern, image_size=8, on_error="skip")
+    with pytest.warns(UserWarning, match="4 of the 10 shards"):
+        stream = ShardedImages(pattern, image_size=8, on_error="skip", max_skip_fraction=0.5)
+    assert len(list(stream)) == 26 and len(stream.urls) == 6
+    with pytest.raises(UsageError, match="none of the 5 shards can be read"):  # a resampled stream of none: no end
+        ShardedImages(str(tmp_path / "gone-{0..4}.tar"), image_size=8, resampled=True, epoch_length=8,
+                      on_error="skip", max_skip_fraction=1.0)
+
+
+def test_shards_without_captions_or_labels_are_read_and_one_without_an_image_is_named(tmp_path):
+    from difflab.errors import UsageError
+
+    tar = write_tar(tmp_path / "odd-000000.tar", {"a": {"png": encoded("PNG"), "cls": b"1"},  # class only
+                                                  "b": {"jpg": encoded("JPEG")}})  # image only, as img2dataset
+    samples = list(ShardedImages(str(tar), image_size=8))
+    assert [(s["key"], s["label"], s["caption"]) for s in samples] == [("a", 1, ""), ("b", -1, "")]
+    assert samples[1]["image"][0].mean() > 0.4  # the JPEG decoded: red
+    tar = write_tar(tmp_path / "odd-000001.tar", {"c": {"txt": b"a caption and nothing else"}})
+    with pytest.raises(UsageError, match=r"odd-000001.tar:c has no image \(txt; expected one of .png"):
+        list(ShardedImages(str(tar), image_size=8))
+
+
+def test_shard_image_limits_are_configurable(shards, tmp_path):
+    from configs import make_cfg
+    from difflab.data.images import UnreadableImageError
+    from difflab.training import build
+
+    with pytest.raises(UnreadableImageError, match="more than max_pixels=50"):
+        list(ShardedImages(shards, image_size=8, max_pixels=50))
+    with pytest.raises(UnreadableImageError, match="aspect ratio of 1.2, more than max_aspect_ratio=1.1"):
+        list(ShardedImages(shards, image_size=8, max_aspect_ratio=1.1))  # the images are 12 x 10
+    _, datamodule, _ = build(make_cfg(tmp_path, "data=webdataset", f"data.train_urls={shards}", "data.max_pixels=50",
+                                      "data.max_aspect_ratio=null", "data.num_classes=2"))
+    assert (datamodule.train_set.max_pixels, datamodule.val_set.max_aspect_ratio) == (50, None)
+

@@ -70,12 +70,12 @@ def _check_size(size: tuple[int, int], name, max_pixels: int | None, max_aspect_
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise UnreadableImageError(f"image {name} is {width}x{height} pixels, more than max_pixels={max_pixels:,} "
-                                   "(raise data.dataset.max_pixels to read it)", path=name)
+                                   "(raise data.dataset.max_pixels, for shards data.max_pixels, to read it)", path=name)
     ratio = max(width, height) / max(1, min(width, height))
     if max_aspect_ratio is not None and ratio > max_aspect_ratio:
         raise UnreadableImageError(f"image {name} is {width}x{height} pixels, an aspect ratio of {ratio:g}, more than "
-                                   f"max_aspect_ratio={max_aspect_ratio:g} (raise data.dataset.max_aspect_ratio to "
-                                   "read it)", path=name)
+                                   f"max_aspect_ratio={max_aspect_ratio:g} (raise data.dataset.max_aspect_ratio, for "
+                                   "shards data.max_aspect_ratio, to read it)", path=name)
 
 
 def _eight_bit(img):

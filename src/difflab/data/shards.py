@@ -3,7 +3,8 @@
     python -m difflab.data.make_shards SRC DST [--shard-size 1000]     # SRC: an image folder (see ImageFolder)
     python train.py data=webdataset data.train_urls=DST data.num_classes=10
 
-Each sample is ``<key>.png`` (the image), ``<key>.txt`` (its caption) and ``<key>.cls`` (its label, -1 if none);
+Each sample is ``<key>.png`` (the image; ``.jpg`` / ``.jpeg`` / ``.webp`` as img2dataset writes are read too),
+``<key>.txt`` (its caption; absent: "") and ``<key>.cls`` (its label; absent or -1: none);
 with ``--text-encoder NAME`` (a conf/text_encoder option) also the caption's encoding, computed once when the
 shards are written instead of at every step: ``<key>.text.npy`` (its tokens' hidden states, float16, (L, D)) and
 ``<key>.pooled.npy`` (D,). Batches then carry ``context`` / ``context_mask`` / ``cond``, which the text
@@ -25,7 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.transforms import v2
 
 from difflab.data.fingerprint import data_fingerprint
-from difflab.data.images import UnreadableImageError, decode_image
+from difflab.data.images import MAX_ASPECT_RATIO, MAX_PIXELS, UnreadableImageError, decode_image
+from difflab.data.layout import NO_LABEL
 from difflab.data.unreadable import CountsSkippedFiles, SkippedFiles, check_on_error, collate_skipped
 from difflab.errors import UsageError
 from difflab.extras import require
@@ -85,6 +87,45 @@ def shard_urls(urls: str | list[str]) -> list[str]:
     return list(braceexpand.braceexpand(str(urls)))
 
 
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
+
+
+def usable_shards(urls: list[str], on_error: str, max_skip_fraction: float) -> list[str]:
+    """The shards that can be opened as tar files (local paths; URLs are left to the reader). A missing or
+    unopenable shard is refused under ``on_error=raise``; under ``skip`` it is dropped with a warning and counted like
+    an unreadable image: more than ``max_skip_fraction`` of the shards, or all of them, stop the run here (a
+    resampled stream of none would never yield a sample)."""
+    import tarfile
+    import warnings
+
+    from difflab.errors import RunStopped
+
+    def opens(url: str) -> bool:
+        if "://" in url or url.startswith("pipe:"):
+            return True
+        try:
+            with tarfile.open(url) as tar:
+                tar.next()
+            return True
+        except (OSError, tarfile.TarError, EOFError):
+            return False
+
+    bad = [url for url in urls if not opens(url)]
+    if not bad:
+        return urls
+    which = f"{len(bad)} of the {len(urls)} shards are missing or not tar files (e.g. {bad[0]})"
+    if len(bad) == len(urls):
+        raise UsageError(f"none of the {len(urls)} shards can be read (e.g. {bad[0]}): check data.train_urls / "
+                         "data.val_urls (a folder, a brace pattern DIR/shard-{000000..000099}.tar or a list)")
+    if on_error != "skip":
+        raise UsageError(f"{which}: fix data.train_urls / data.val_urls, or data.on_error=skip to train on the rest")
+    if len(bad) / len(urls) > max_skip_fraction:
+        raise RunStopped(f"{which}, more than data.max_skip_fraction={max_skip_fraction}: fix the shard list or "
+                         "raise data.max_skip_fraction")
+    warnings.warn(f"{which}: skipped (data.on_error=skip)", stacklevel=2)
+    return [url for url in urls if url not in bad]
+
+
 def decode_members(sample: dict) -> dict:
     """A sample's members as ``_sample`` reads them: ``.cls`` an integer, ``.txt`` text, ``.npy`` arrays (no pickled
     objects), the image left as bytes; every other member (``.pyd``, ``.pickle``, ``.pth``, ...) is dropped unread.
@@ -95,7 +136,7 @@ def decode_members(sample: dict) -> dict:
     out = {}
     for key, value in sample.items():
         try:
-            if key.startswith("__") or key == "png":
+            if key.startswith("__") or key in IMAGE_MEMBERS:
                 out[key] = value
             elif key == "cls":
                 out[key] = int(value.decode("ascii").strip())
@@ -119,17 +160,20 @@ class ShardedImages(IterableDataset):
     """Samples {image, label, caption, key} from tar shards; ``resampled``: an endless stream drawn per rank and
     worker (seeded), cut into epochs of ``epoch_length`` samples per process; otherwise each sample once.
     ``on_error="skip"``: a sample whose image cannot be decoded is dropped, and the next one yielded lists it
-    (``SHARD:KEY.png``) in ``sample["skipped"]``; a shard that is not a readable tar file is skipped with
-    webdataset's warning."""
+    (``SHARD:KEY.png``) in ``sample["skipped"]``; a shard missing or not a tar file at the start is dropped and
+    counted (``usable_shards``), one that fails while read is listed as the samples are. Images over
+    ``max_pixels`` or ``max_aspect_ratio`` are unreadable ones (``difflab.data.images``)."""
 
     def __init__(self, urls: str | list[str], image_size: int = 32, channels: int = 3, resampled: bool = False,
                  epoch_length: int | None = None, seed: int = 0, shuffle_buffer: int = 1000, text_length: int = 77,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", max_skip_fraction: float = 0.01, max_pixels: int | None = MAX_PIXELS,
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO):
         super().__init__()
         self.on_error = on_error  # raise | skip
         self._pending_skipped: list[str] = []  # dropped samples not yet reported (one list per worker process)
         self.text_length = text_length  # precomputed caption encodings are padded to this many tokens
-        self.urls = shard_urls(urls)
+        self.max_pixels, self.max_aspect_ratio = max_pixels, max_aspect_ratio
+        self.urls = usable_shards(shard_urls(urls), on_error, max_skip_fraction)
         self.image_size, self.channels = image_size, channels
         self.resampled, self.epoch_length, self.seed = resampled, epoch_length, seed
         self.shuffle_buffer = shuffle_buffer
@@ -141,9 +185,14 @@ class ShardedImages(IterableDataset):
         self.fingerprint = data_fingerprint({"urls": self.urls})  # keys cached statistics: stale when a shard changes
 
     def _sample(self, sample: dict) -> dict | None:
-        name = f"{sample.get('__url__')}:{sample['__key__']}.png"
+        member = next((m for m in IMAGE_MEMBERS if m in sample), None)
+        if member is None:
+            members = sorted(k for k in sample if not k.startswith("__")) or ["none"]
+            raise UsageError(f"{sample.get('__url__')}:{sample.get('__key__')} has no image ({', '.join(members)}; "
+                             f"expected one of .{', .'.join(IMAGE_MEMBERS)})")
+        name = f"{sample.get('__url__')}:{sample['__key__']}.{member}"
         try:
-            pixels = decode_image(sample["png"], self.channels, name)
+            pixels = decode_image(sample[member], self.channels, name, self.max_pixels, self.max_aspect_ratio)
         except UnreadableImageError as err:
             if self.on_error == "skip":
                 self._pending_skipped.append(name)
@@ -151,8 +200,9 @@ class ShardedImages(IterableDataset):
             folder = Path(str(sample.get("__url__"))).parent
             raise UnreadableImageError(f"{err} (find every unreadable image: python -m difflab.data.check {folder}; "
                                        f"skip them while training: data.on_error=skip)", path=name) from err
-        out = {"image": self.transform(pixels), "label": int(sample["cls"]),
-               "caption": sample["txt"], "key": sample["__key__"]}
+        # class-only and image-only shards: no caption is "", no label is NO_LABEL (as in an image folder)
+        out = {"image": self.transform(pixels), "label": int(sample.get("cls", NO_LABEL)),
+               "caption": sample.get("txt", ""), "key": sample["__key__"]}
         if "text.npy" in sample:  # the caption's precomputed encoding, padded so that batches stack
             hidden = torch.from_numpy(sample["text.npy"]).float()[: self.text_length]
             out["context"] = hidden.new_zeros(self.text_length, hidden.shape[-1])
@@ -174,10 +224,33 @@ class ShardedImages(IterableDataset):
             held["skipped"], self._pending_skipped = self._pending_skipped, []
             yield held
 
+    def _shard_failed(self, error: Exception) -> bool:
+        """webdataset's handler for a shard that fails while read (``on_error=skip``): listed as a skipped file."""
+        url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
+        self._pending_skipped.append(f"{url} ({type(error).__name__})")
+        return True
+
+    def head(self, n: int) -> list[dict]:
+        """The first ``n`` samples of the shards in order, read here (not split across ranks or workers, not
+        resampled): the same on every rank, for FID statistics, evaluation and probes."""
+        wds = require("webdataset", "webdataset", "data=webdataset")
+        skip = self.on_error == "skip"
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),
+            wds.tarfile_to_samples(handler=self._shard_failed if skip else wds.reraise_exception),
+            wds.map(decode_members), wds.map(self._sample), _drop_private_keys)
+        samples = []
+        for sample in pipeline:
+            samples.append(sample)
+            if len(samples) == n:
+                break
+        self._pending_skipped = []
+        return samples
+
     def pipeline(self):
         wds = require("webdataset", "webdataset", "data=webdataset")
         skip = self.on_error == "skip"
-        to_samples = wds.tarfile_to_samples(handler=wds.warn_and_continue if skip else wds.reraise_exception)
+        to_samples = wds.tarfile_to_samples(handler=self._shard_failed if skip else wds.reraise_exception)
         if self.resampled:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(f"{self.seed}/{rank}/{worker}")  # a stream per (seed, rank, worker)
@@ -206,16 +279,18 @@ class WebDataModule(CountsSkippedFiles, L.LightningDataModule):
     def __init__(self, train_urls: str | list[str], val_urls: str | list[str] | None = None, image_size: int = 32,
                  channels: int = 3, batch_size: int = 64, epoch_length: int = 10000, seed: int = 0,
                  num_workers: int = 2, num_classes: int | None = None, split_seed: int = 0, text_length: int = 77,
-                 on_error: str = "raise", max_skip_fraction: float = 0.01):
+                 on_error: str = "raise", max_skip_fraction: float = 0.01, max_pixels: int | None = MAX_PIXELS,
+                 max_aspect_ratio: float | None = MAX_ASPECT_RATIO):
         super().__init__()
         check_on_error(on_error, max_skip_fraction)
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.num_workers, self.num_classes, self.split_seed = num_workers, num_classes, split_seed
         self.on_error = on_error
+        reading = {"text_length": text_length, "on_error": on_error, "max_skip_fraction": max_skip_fraction,
+                   "max_pixels": max_pixels, "max_aspect_ratio": max_aspect_ratio}
         self.train_set = ShardedImages(train_urls, image_size, channels, resampled=True, epoch_length=epoch_length,
-                                       seed=seed, text_length=text_length, on_error=on_error)
-        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels, text_length=text_length,
-                                     on_error=on_error)
+                                       seed=seed, **reading)
+        self.val_set = ShardedImages(val_urls or train_urls, image_size, channels, **reading)
         self.dataset = self.train_set
         if on_error == "skip":  # a stream has no file count: the share of failed reads, over at least an epoch's
             source = train_urls if isinstance(train_urls, str) else str(Path(self.train_set.urls[0]).parent)
