@@ -216,3 +216,24 @@ def test_shard_image_limits_are_configurable(shards, tmp_path):
                                       "data.max_aspect_ratio=null", "data.num_classes=2"))
     assert (datamodule.train_set.max_pixels, datamodule.val_set.max_aspect_ratio) == (50, None)
 
+
+def test_webdataset_with_the_fid_callback_evaluate_and_probes(shards, tmp_path):
+    """Shards have no length: the FID callback, evaluate.py and the probes read their first n samples."""
+    from configs import compose_config, make_cfg
+    from difflab.cli.evaluate import evaluate
+    from difflab.cli.train import run
+    from difflab.probe.common import real_batch
+
+    trainer = run(make_cfg(tmp_path / "run", "data=webdataset", f"data.train_urls={shards}", "data.num_workers=0",
+                           "data.image_size=8", "data.batch_size=8", "data.epoch_length=16", "data.num_classes=2",
+                           "trainer.max_steps=2", "callbacks=fid", "callbacks.fid.every_n_steps=2",
+                           "callbacks.fid.num_samples=10", "callbacks.fid.batch_size=10",
+                           "callbacks.fid.sampler.num_steps=2", f"callbacks.fid.cache_dir={tmp_path / 'stats'}"))
+    assert torch.isfinite(trainer.callback_metrics["val/fid_10"])
+    assert [p.name for p in (tmp_path / "stats").glob("*_trainstream_*n10.pt")]  # the first 10 samples' features
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    result = evaluate(compose_config("evaluate", f"ckpt={ckpt}", "n=10", "steps=2", "metrics=[fid]", "bootstrap=0",
+                                     "progress=false", f"out={tmp_path / 'eval.json'}"))
+    assert result["n"] == result["n_real"] == 10 and result["fid"] > 0
+    batch = real_batch(str(ckpt), n=4)
+    assert batch["image"].shape == (4, 3, 8, 8) and batch["label"].tolist() == [0, 0, 0, 0]  # shard order: cats

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab.data.draw import draw, first
 from difflab.data.images import is_grayscale
 from difflab.data.layout import resolve_folder_config
 from difflab.errors import UsageError
@@ -61,16 +62,15 @@ class RealImages:
         datamodule = (build(OmegaConf.to_container(data_cfg), DATA, trust, "the checkpoint", "data") if stored
                       else instantiate(data_cfg))
         train_set = datamodule.train_set
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
-        n = min(n, len(train_set))
-        rest = order[n:2 * n]
-        validation = [datamodule.val_set[i] for i in range(min(n, len(datamodule.val_set)))]
+        drawn = draw(train_set, 2 * n, seed)  # n to score against, up to n others for the real-vs-real floor
+        n = min(n, len(drawn))
+        rest = drawn[n:2 * n]
+        validation = first(datamodule.val_set, n)
 
-        def images(dataset, indices):
-            return torch.stack([dataset[i]["image"] for i in indices])
+        def images(items):
+            return torch.stack([item["image"] for item in items])
 
-        return cls(train_set, images(train_set, order[:n]), images(train_set, rest) if len(rest) >= 2 else None,
-                   torch.stack([item["image"] for item in validation]),
+        return cls(train_set, images(drawn[:n]), images(rest) if len(rest) >= 2 else None, images(validation),
                    torch.tensor([int(item["label"]) for item in validation]))
 
 

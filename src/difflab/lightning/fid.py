@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from difflab.data.draw import draw
+from difflab.data.draw import size as dataset_size
 from difflab.diffusion.samplers import Sampler
 from difflab.errors import UsageError
 from difflab.evaluation import Scorer
@@ -100,7 +102,8 @@ class FIDCallback(Periodic):
     def _cache_path(self, trainer: L.Trainer) -> Path:
         datamodule = trainer.datamodule
         size = datamodule.image_size
-        key = f"{dataset_key(datamodule.train_set)}_train{len(datamodule.train_set)}_seed{datamodule.split_seed}_" \
+        count = dataset_size(datamodule.train_set) or "stream"  # shards: their first n samples; files in the key
+        key = f"{dataset_key(datamodule.train_set)}_train{count}_seed{datamodule.split_seed}_" \
               f"{size}px_{self.extractor.name}_n{self.num_samples}.pt"
         root = Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "fid_stats"
         return root / key
@@ -112,10 +115,8 @@ class FIDCallback(Periodic):
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if "features" in cached:  # caches of older versions hold statistics only: recomputed
                 return cached["features"]
-        train_set = trainer.datamodule.train_set
-        n = min(self.num_samples, len(train_set))
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.seed))[:n]
-        images = torch.stack([train_set[int(i)]["image"] for i in order])
+        images = torch.stack([item["image"] for item in draw(trainer.datamodule.train_set, self.num_samples,
+                                                             self.seed)])
         features = extract(self.extractor, images, self.batch_size)
         if trainer.is_global_zero:  # every rank computed the same features; one writes them, atomically
             with atomic_write(path) as tmp:

@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 
 from difflab import probe
 from difflab.conditioning.base import NoConditioning
+from difflab.data.draw import first, size
 from difflab.errors import UsageError
 from difflab.lightning.callbacks import Periodic, log_image
 from difflab.nn.dit import DiTBlock
@@ -91,7 +92,7 @@ class ProbeCallback(Periodic):
         if self._batch is None:
             datamodule = trainer.datamodule
             dataset = getattr(datamodule, "val_set", None)
-            if dataset is None or len(dataset) == 0:
+            if dataset is None or size(dataset) == 0:
                 dataset = datamodule.train_set
-            self._batch = default_collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
+            self._batch = default_collate(first(dataset, self.num_images))
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._batch.items()}

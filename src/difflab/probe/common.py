@@ -44,6 +44,7 @@ def real_batch(source, n: int = 16, seed: int = 0, split: str = "val", trust: Se
     from omegaconf import OmegaConf
     from torch.utils.data import default_collate
 
+    from difflab.data.draw import draw, size
     from difflab.data.layout import resolve_folder_config
     from difflab.loading import read_checkpoint, run_config_of
     from difflab.registry import DATA, build
@@ -54,6 +55,5 @@ def real_batch(source, n: int = 16, seed: int = 0, split: str = "val", trust: Se
     config = config.data if "data" in config else config
     resolve_folder_config(config)
     datamodule = build(OmegaConf.to_container(config), DATA, trust, "the run config", "data")
-    dataset = datamodule.val_set if split == "val" and len(datamodule.val_set) else datamodule.train_set
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    return default_collate([dataset[i] for i in order])
+    dataset = datamodule.val_set if split == "val" and size(datamodule.val_set) != 0 else datamodule.train_set
+    return default_collate(draw(dataset, n, seed))
