@@ -113,3 +113,28 @@ def test_caches_of_a_folder_go_stale_when_its_files_change(tmp_path):
     assert replaced != first
     Image.new("L", (8, 8), 255).save(folder / "4.png")  # added
     assert fid_cache_path()[0] not in (first, replaced)
+
+
+def test_channels_auto_passes_over_unreadable_files_under_skip(tmp_path):
+    from omegaconf import OmegaConf
+
+    from difflab.data.layout import resolve_folder_config
+
+    (tmp_path / "digits").mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "digits" / f"{i}.png")
+    (tmp_path / "digits" / "empty.png").write_bytes(b"")  # 0 bytes: unreadable
+
+    def resolved(on_error: str):
+        data = OmegaConf.create({"root": str(tmp_path), "channels": "auto", "num_classes": "auto",
+                                 "on_error": on_error})
+        resolve_folder_config(data)
+        return data
+
+    assert resolved("skip").channels == 1  # the readable files vote; training skips and counts the empty one
+    with pytest.raises(OSError, match="cannot read image .*empty.png"):
+        resolved("raise")
+    for path in (tmp_path / "digits").glob("[0-9].png"):
+        path.write_bytes(b"")
+    with pytest.raises(UsageError, match="none of the 4 images in .* can be read"):
+        resolved("skip")

@@ -54,12 +54,20 @@ class FolderLayout:
             raise UsageError(f"no images found in {root}: expected class subfolders or a metadata.jsonl")
         return cls(root, items, names)
 
-    def channels(self) -> int:
+    def channels(self, skip_unreadable: bool = False) -> int:
         """1 if every image is grayscale, 3 if every one is colour (read from the files' headers); a folder that
-        mixes them is refused, naming an example of each."""
-        gray, colour = [], []
+        mixes them is refused, naming an example of each. ``skip_unreadable`` (``data.on_error=skip``): a file whose
+        header cannot be read does not vote (training skips and counts it); otherwise it is refused, named."""
+        gray, colour, unreadable = [], [], []
         for path, _, _ in self.items:
-            (gray if is_grayscale_file(path) else colour).append(path)
+            try:
+                (gray if is_grayscale_file(path) else colour).append(path)
+            except OSError:
+                if not skip_unreadable:
+                    raise
+                unreadable.append(path)
+        if not gray and not colour:
+            raise UsageError(f"none of the {len(unreadable)} images in {self.root} can be read (e.g. {unreadable[0]})")
         if gray and colour:
             raise UsageError(f"{self.root} mixes grayscale ({len(gray)}, e.g. {gray[0]}) and colour ({len(colour)}, "
                              f"e.g. {colour[0]}) images: set data.channels=1 or data.channels=3 to convert them all")
@@ -109,7 +117,7 @@ def resolve_folder_config(data) -> None:
     layout = FolderLayout.read(data.root, data.get("class_names"))
     names = layout.class_names
     if data.get("channels") == AUTO:
-        data.channels = layout.channels()
+        data.channels = layout.channels(skip_unreadable=data.get("on_error") == "skip")
     if data.get("num_classes") == AUTO:
         data.num_classes = len(names) or None
     elif data.get("num_classes") is not None and names and data.num_classes < len(names):
