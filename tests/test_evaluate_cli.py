@@ -172,20 +172,18 @@ def test_a_gray_sample_folder_against_colour_data_is_flagged(rgb_sample_sets):
     assert not any("grayscale" in w for w in colour["warnings"])
 
 
-def test_auto_scores_an_image_folder_on_inception(rgb_sample_sets, monkeypatch):
-    """extractor=auto (the default) on an image folder: Inception, not the digit features (stood in for here, so as
-    not to run Inception twice)."""
-    from difflab.metrics import features
-
-    monkeypatch.setattr(features.AutoFeatures, "select",
-                        lambda self, dataset: ("picked", features.dataset_name(dataset)))
-    real, sets = rgb_sample_sets
-    picked = instantiate(eval_cfg("extractor=auto").extractor)
+def test_auto_scores_an_image_folder_on_inception(rgb_sample_sets):
+    """extractor=auto (the default): Inception on an image folder, the digit classifier's features on digits."""
     from difflab.evaluation import RealImages
+    from difflab.metrics.features import DigitFeatures
+    from difflab.metrics.inception import InceptionFeatures
 
+    real, sets = rgb_sample_sets
+    auto = instantiate(eval_cfg("extractor=auto").extractor)
     images = RealImages.of(eval_cfg("data=imagefolder", f"data.root={real}").data, 5)
-    assert picked.select(images.dataset) == ("picked", "imagefolder_real")
+    assert isinstance(auto.select(images.dataset), InceptionFeatures)
     assert images.images.shape == (5, 3, 32, 32)  # data.channels: auto read 3 from the RGB files
+    assert isinstance(auto.select(RealImages.of(eval_cfg("data=digits").data, 5).dataset), DigitFeatures)
 
 
 def test_compare_two_settings_with_paired_seeds(class_checkpoint, tmp_path):
