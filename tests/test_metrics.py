@@ -59,3 +59,34 @@ def test_evaluate_reports_the_shipped_classifiers_accuracy_on_digits_it_never_sa
     held_out = judge_correct(judge, images, labels).float().mean().item()
     seen = judge_correct(judge, real.validation, real.validation_labels).float().mean().item()
     assert 0.965 <= held_out <= 0.985 and seen > held_out, (held_out, seen)  # 0.974; 0.99+ on seen digits
+
+
+def test_the_check_classifier_is_accurate_on_its_own_held_out_digits():
+    """The second digit classifier, trained on the 1000 digits the first held out: tested on the 4000 others."""
+    from difflab.metrics.check_classifier import check_split, load_check_classifier
+
+    train_x, _, test_x, test_y = check_split()
+    assert len(train_x) == 1000 and len(test_x) == 4000
+    accuracy = (predict(load_check_classifier(), test_x).argmax(-1) == test_y).float().mean().item()
+    assert accuracy >= 0.975  # 0.9795 when the weights were trained (python -m difflab.metrics.check_classifier test)
+
+
+def test_both_digit_fids_rank_real_digits_before_degraded_ones(split):
+    """The two digit extractors are distinct networks, and each puts real-vs-real below real-vs-blurred and
+    real-vs-noisy digits."""
+    import torch.nn.functional as F
+
+    from difflab.metrics.features import CheckDigitFeatures, DigitFeatures, extract
+    from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
+
+    train_x, _, test_x, _ = split
+    real, other = train_x[:1000], test_x
+    blurred = F.avg_pool2d(other, 3, stride=1, padding=1)
+    noisy = (other + 0.5 * torch.randn(other.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    first, second = DigitFeatures(), CheckDigitFeatures()
+    assert (first.dim, second.dim) == (128, 256)
+    for extractor in (first, second):
+        reference = FeatureStatistics.of(extract(extractor, real))
+        fid = {name: frechet_distance_of(reference, FeatureStatistics.of(extract(extractor, images)))
+               for name, images in (("real", other), ("blurred", blurred), ("noisy", noisy))}
+        assert fid["real"] < fid["blurred"] and fid["real"] < fid["noisy"], (extractor.name, fid)

@@ -81,11 +81,14 @@ def held_out_digits() -> tuple[Tensor, Tensor]:
 
 
 def train_classifier(images: Tensor, labels: Tensor, *, epochs: int = 15, batch_size: int = 64, lr: float = 5e-3,
-                     max_shift: int = 2, seed: int = 0, progress: bool = False) -> DigitClassifier:
-    """Train a :class:`DigitClassifier` with AdamW and a one-cycle LR schedule."""
+                     max_shift: int = 2, seed: int = 0, progress: bool = False,
+                     model: nn.Module | None = None) -> nn.Module:
+    """Train a :class:`DigitClassifier` (or ``model``, a classifier of such images) with AdamW and a one-cycle LR
+    schedule."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = DigitClassifier(num_classes=int(labels.max()) + 1, in_channels=images.shape[1])
+    if model is None:
+        model = DigitClassifier(num_classes=int(labels.max()) + 1, in_channels=images.shape[1])
     steps = epochs * (len(images) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)

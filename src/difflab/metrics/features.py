@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from difflab.metrics.check_classifier import load_check_classifier
 from difflab.metrics.classifier import load_digit_classifier
 
 
@@ -50,6 +51,18 @@ class DigitFeatures(nn.Module):
     def logits(self, images: Tensor) -> Tensor:
         """The classifier's 10 logits: an Inception Score over digit classes (max 10)."""
         return self.net(self._prepare(images))
+
+
+class CheckDigitFeatures(DigitFeatures):
+    """Penultimate features (256-d) of the second, independent digit classifier (``check_classifier``: another
+    architecture, seed and training split): a second digit FID, for checking what was tuned on the first."""
+
+    name = "digit_check"
+
+    def __init__(self, weights: str | None = None):
+        nn.Module.__init__(self)  # DigitFeatures' own would load the first classifier
+        self.net = load_check_classifier(weights) if weights else load_check_classifier()
+        self.net.requires_grad_(False)
 
 
 # the shipped digit datasets (their ``name``), the data the digit classifier's features were made for
