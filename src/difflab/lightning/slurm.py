@@ -53,8 +53,14 @@ def requeue() -> bool:
 
 def newest_checkpoint(last: Path, run_dir: Path) -> Path | None:
     """The newest (by modification time) of ``last`` and the run directory's ``hpc_ckpt_*.ckpt``; None if none."""
-    candidates = [p for p in (last, *Path(run_dir).glob(HPC_PATTERN)) if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+    ages = {}
+    for path in (last, *Path(run_dir).glob(HPC_PATTERN)):
+        try:  # rank zero may be pruning an older hpc file meanwhile
+            if path.is_file():
+                ages[path] = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+    return max(ages, key=ages.get) if ages else None
 
 
 def prune_hpc_checkpoints(run_dir: Path, keep: Path | None) -> list[Path]:
