@@ -90,3 +90,19 @@ def test_both_digit_fids_rank_real_digits_before_degraded_ones(split):
         fid = {name: frechet_distance_of(reference, FeatureStatistics.of(extract(extractor, images)))
                for name, images in (("real", other), ("blurred", blurred), ("noisy", noisy))}
         assert fid["real"] < fid["blurred"] and fid["real"] < fid["noisy"], (extractor.name, fid)
+
+
+def test_classifier_path_loads_either_digit_classifier_and_the_check_one_is_scored_on_its_own_held_out_digits():
+    from configs import compose_config
+    from difflab.evaluation import RealImages, judge_held_out
+    from difflab.metrics.check_classifier import WEIGHTS, CheckClassifier, check_split
+    from difflab.metrics.classifier import WEIGHTS as FIRST
+    from difflab.metrics.classifier import DigitClassifier, load_classifier
+
+    check, names = load_classifier(WEIGHTS)
+    assert isinstance(check, CheckClassifier) and names is None
+    assert isinstance(load_classifier(FIRST)[0], DigitClassifier)
+    real = RealImages.of(compose_config("evaluate", "data=mnist").data, 10)
+    images, labels = judge_held_out(str(WEIGHTS), real)
+    torch.testing.assert_close(images, check_split()[2])  # the 4000 digits it was not trained on
+    assert (predict(check, images).argmax(-1) == labels).float().mean().item() >= 0.975

@@ -29,6 +29,8 @@ from difflab.metrics.bootstrap import (
     mean_statistic,
     wilson_interval,
 )
+from difflab.metrics.check_classifier import WEIGHTS as CHECK_WEIGHTS
+from difflab.metrics.check_classifier import check_split
 from difflab.metrics.classifier import held_out_digits, load_classifier, load_digit_classifier, predict
 from difflab.metrics.features import choose_extractor, dataset_name, extract
 from difflab.metrics.frechet import FeatureStatistics, frechet_distance_of
@@ -105,10 +107,14 @@ SHIPPED_JUDGE = "the shipped MNIST classifier"
 
 def judge_held_out(about: str, real: RealImages) -> tuple[Tensor, Tensor]:
     """Real images with labels that the judge named ``about`` was not trained on, for its accuracy on real data: the
-    shipped MNIST classifier's own held-out digits (it was trained on most of the run's validation split), else
-    the run's validation split (a ``classifier=PATH`` trained by train.py on the same data holds it out)."""
+    shipped MNIST classifier's own held-out digits (it was trained on most of the run's validation split), the
+    shipped check classifier's (``classifier=`` its weights file), else the run's validation split (a
+    ``classifier=PATH`` trained by train.py on the same data holds it out)."""
     if about == SHIPPED_JUDGE:
         return held_out_digits()
+    if Path(about).expanduser().resolve() == CHECK_WEIGHTS.resolve():  # the check classifier: its own held-out
+        _, _, images, labels = check_split()
+        return images, labels
     return real.validation, real.validation_labels
 
 

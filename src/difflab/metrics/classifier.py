@@ -173,11 +173,18 @@ class CleanClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path, trust: Sequence[str] = ()) -> tuple[nn.Module, list[str] | None]:
-    """(a classifier of images in [-1, 1], its class names or None) from a ``DigitClassifier``'s safetensors file or
-    a ``model=classifier`` checkpoint (applied at t = 0; ``model.clean=true`` trains one for exactly that)."""
+    """(a classifier of images in [-1, 1], its class names or None) from a ``DigitClassifier``'s or a
+    ``CheckClassifier``'s safetensors file, or a ``model=classifier`` checkpoint (applied at t = 0;
+    ``model.clean=true`` trains one for exactly that)."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors":
-        return load_digit_classifier(path), None
+        from safetensors import safe_open
+
+        from difflab.metrics.check_classifier import load_check_classifier
+
+        with safe_open(str(path), framework="pt") as f:
+            check = "fc.0.weight" in f.keys()  # the check classifier's layout
+        return (load_check_classifier(path) if check else load_digit_classifier(path)), None
     from difflab.loading import load_classifier_network
 
     network, class_names = load_classifier_network(path, trust, what="classifier")
