@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 
 import difflab
-from bench_time_to_quality import Network, Run, train_difflab, train_loop
+from bench_time_to_quality import Network, Run, diffusers_step, train_difflab, train_loop
 from difflab.conditioning.base import NoConditioning
 from difflab.diffusion import EpsilonPrediction, NoiseSchedule, VPrediction, get_sampler
 from difflab.evaluation import RealImages, Scorer
@@ -134,17 +133,7 @@ def train_diffusers(cell: Cell, budget_s: float, images: torch.Tensor, seed: int
         lr_scheduler = budget_schedule(optimizer, budget_s, 200, [])
         ema = EMAModel(net.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     shadow, forward = copy.deepcopy(net), call(net)
-
-    def step(clean):
-        noise = torch.randn_like(clean)
-        t = torch.randint(0, 1000, (clean.shape[0],))
-        loss = F.mse_loss(forward(net, scheduler.add_noise(clean, noise, t), t).float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        ema.step(net.parameters())
+    step = diffusers_step(net, forward, scheduler, optimizer, lr_scheduler, ema)
 
     def ema_state():
         ema.copy_to(shadow.parameters())

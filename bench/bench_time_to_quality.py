@@ -146,6 +146,23 @@ class Network(nn.Module):
         return self.call(self.network, x, t)
 
 
+def diffusers_step(net, forward, scheduler, optimizer, lr_scheduler, ema):
+    """train_unconditional.py's training step: epsilon MSE at a uniform DDPM t, gradient norm clipped to 1, the LR
+    schedule and EMA stepped after the optimizer. ``forward(net, x_t, t)`` is the network's prediction."""
+    def step(clean):
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, 1000, (clean.shape[0],))
+        loss = F.mse_loss(forward(net, scheduler.add_noise(clean, noise, t), t).float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(net.parameters())
+
+    return step
+
+
 def train_diffusers(budget_s: float, marks, images: torch.Tensor) -> Run:
     import diffusers
     from diffusers.optimization import get_scheduler
@@ -163,17 +180,7 @@ def train_diffusers(budget_s: float, marks, images: torch.Tensor) -> Run:
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=100 * steps_per_epoch)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     shadow = copy.deepcopy(unet)
-
-    def step(clean):
-        noise = torch.randn_like(clean)
-        t = torch.randint(0, 1000, (clean.shape[0],))
-        loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        ema.step(unet.parameters())
+    step = diffusers_step(unet, lambda net, x, t: net(x, t).sample, scheduler, optimizer, lr_scheduler, ema)
 
     def ema_state():
         ema.copy_to(shadow.parameters())

@@ -20,9 +20,11 @@ class DigitFeatures(nn.Module):
 
     name = "digit_classifier"
 
+    load = staticmethod(load_digit_classifier)  # weights path (optional) -> the classifier
+
     def __init__(self, weights: str | None = None):
         super().__init__()
-        self.net = load_digit_classifier(weights) if weights else load_digit_classifier()
+        self.net = self.load(weights) if weights else self.load()
         self.net.requires_grad_(False)
 
     @property
@@ -58,11 +60,7 @@ class CheckDigitFeatures(DigitFeatures):
     architecture, seed and training split): a second digit FID, for checking what was tuned on the first."""
 
     name = "digit_check"
-
-    def __init__(self, weights: str | None = None):
-        nn.Module.__init__(self)  # DigitFeatures' own would load the first classifier
-        self.net = load_check_classifier(weights) if weights else load_check_classifier()
-        self.net.requires_grad_(False)
+    load = staticmethod(load_check_classifier)
 
 
 # the shipped digit datasets (their ``name``), the data the digit classifier's features were made for
