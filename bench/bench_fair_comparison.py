@@ -21,8 +21,11 @@ Every final EMA is sampled (DPM-Solver++ 20 steps, seeds 0..n-1) twice: as is, a
 the check classifier's FID (``extractor=digit_check``: another architecture, seed and training split) and
 Inception FID / KID, each with its bootstrap interval and real-vs-real floor at n. Each run leaves
 ``<out>/<run>.json`` and ``<out>/<run>.png`` (the first 100 samples): an interrupted bench resumes where it
-stopped, and ``report`` reads them. Ratios are peer / difflab per seed (the same seed index), summarised by their
-geometric mean and a t-interval on the log ratio over seeds.
+stopped, and ``report`` reads them. ``--threads 1`` under ``taskset -c 0`` gives every run the same one core while the
+other core does other work; each JSON records the threads, the process's CPU seconds beside the wall-clock ones and
+the load average over its run, so that a run that shared its core shows (CPU / wall below 1 per thread).
+Ratios are peer / difflab per seed (the same seed index), summarised by their geometric mean and a t-interval on
+the log ratio over seeds.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,11 +75,11 @@ class Cell:
 
 
 def sweep_cells() -> list[Cell]:
-    cells = []
-    for recipe, network in (("difflab", "small"), ("diffusers", "unet2d"), ("lucidrains", "lucidrains")):
-        cells.append(Cell(recipe, network))
-        cells += [Cell(recipe, network, lr, batch) for lr in LRS for batch in BATCHES]
-    return cells
+    """Every recipe's defaults, then each setting for every recipe in turn: a sweep cut short has tuned all alike."""
+    recipes = (("diffusers", "unet2d"), ("lucidrains", "lucidrains"), ("difflab", "small"))
+    cells = [Cell(recipe, network) for recipe, network in recipes]
+    return cells + [Cell(recipe, network, lr, batch) for batch in BATCHES[::-1] for lr in LRS[::-1]
+                    for recipe, network in recipes]
 
 
 # ---- the networks ---------------------------------------------------------------------------------------------
@@ -202,8 +207,8 @@ def train(cell: Cell, budget_s: float, images: torch.Tensor, seed: int, out: Pat
             overrides += ["network=diffusers_unet", f"+network.config={{{config}}}"]
         if cell.lr is not None:
             overrides += [f"optim.lr={cell.lr}", f"data.batch_size={cell.batch}"]
-        run = train_difflab(cell.name(seed, budget_s / 60), budget_s, [1.0], out / "runs", *overrides)
-        return run
+        with tempfile.TemporaryDirectory() as runs:  # its checkpoints: the bench keeps only the EMA in memory
+            return train_difflab(cell.name(seed, budget_s / 60), budget_s, [1.0], Path(runs), *overrides)
     if cell.recipe == "diffusers":
         return train_diffusers(cell, budget_s, images, seed)
     return train_lucidrains(cell, budget_s, images, seed)
@@ -266,12 +271,15 @@ def run_cells(cells: list[Cell], seeds: int, budget_min: float, n: int, out: Pat
                     print(f"{name}: denoising-diffusion-pytorch is not installed: skipped", flush=True)
                     continue
             print(f"training {name}", flush=True)
-            start = time.perf_counter()
+            load_before, cpu, start = os.getloadavg(), time.process_time(), time.perf_counter()
             run = train(cell, budget_min * 60, images, seed, out)
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             scoring = scoring or scorers(n)
             result = {**score_run(run, scoring, n, out), "cell": cell.__dict__, "seed": seed,
-                      "budget_min": budget_min, "wall_s": wall, "n": n,
+                      "budget_min": budget_min, "wall_s": wall, "n": n, "threads": torch.get_num_threads(),
+                      "cpu_s": cpu,
+                      "cpus": sorted(os.sched_getaffinity(0)), "loadavg_before": load_before,
+                      "loadavg_after": os.getloadavg(),
                       "floors": {m: s.floor() for m, s in scoring.items()}}
             (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
             print(f"  {name}: {result['steps']} steps, digit FID {result['scores']['digit']['fid']:.3f}, check "
@@ -358,9 +366,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="samples per run scored")
     parser.add_argument("--sweep-budget-min", type=float, default=6.0, help="headline: the sweep that picks the best")
     parser.add_argument("--only", default="", help="comma-separated recipes to run (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("bench_fair"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fair",
+                        help="where the runs' JSON and sample grids go (kept in git: the tables are made from them)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     only = set(filter(None, args.only.split(",")))
     if args.command == "sweep":
         cells = [c for c in sweep_cells() if not only or c.recipe in only]
