@@ -77,7 +77,9 @@ def test_every_patch_sees_its_own_pixels_and_position():
     x2 = x.clone()
     x2[..., 4:8, 8:12] = 1.0
     diff = (model(x2, torch.tensor([7])) - model(x, torch.tensor([7]))).abs()[0, 0]
-    assert diff[4:8, 8:12].min() > 0 and diff.sum() == diff[4:8, 8:12].sum()
+    outside = diff.clone()
+    outside[4:8, 8:12] = 0
+    assert diff[4:8, 8:12].min() > 0 and outside.max() == 0  # not sum == sum: summation order rounds differently
     out = model(x, torch.tensor([7]))[0, 0]
     assert not torch.allclose(out[:4, :4], out[4:8, 4:8])
 
