@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from difflab import all_ranks
 from difflab.data.draw import draw, first
 from difflab.data.images import is_grayscale
 from difflab.data.layout import resolve_folder_config
@@ -89,14 +90,19 @@ def generate(model: DiffusionModel, n: int, *, sampler=None, steps: int | None =
              guidance_scale: float | None = None, seed: int = 0, batch_size: int = 250,
              progress: bool = True) -> Generated:
     """n samples of a trained model under its conditioner's balanced examples (every class or prompt equally
-    often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample."""
+    often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample.
+    Across several processes each makes its ``all_ranks.share(n)`` of them, and gets only those."""
+    if n < all_ranks.world_size():
+        raise UsageError(f"n={n} samples on {all_ranks.world_size()} processes: give n at least the number of "
+                         "devices")
     pipe = model.pipeline()
     sampler = pipe.resolve_sampler(sampler, steps)
     conditions = model.conditioner.examples(n, model.device)
-    images = pipe(condition=conditions or None, n=None if conditions else n, sampler=sampler,
-                  seed=[seed + k for k in range(n)], guidance_scale=guidance_scale, batch_size=batch_size,
-                  progress=progress)
+    part = all_ranks.share(n)
+    images = pipe(condition=conditions or None, n=None if conditions else n, sampler=sampler, seed=seed, part=part,
+                  guidance_scale=guidance_scale, batch_size=batch_size, progress=progress and all_ranks.rank() == 0)
     labels = conditions.get("class_labels")
+    labels = None if labels is None else labels[part.start:part.stop]
     return Generated(images.float().cpu() * 2 - 1, None if labels is None else labels.cpu(),
                      {"sampler": sampler.name, "steps": sampler.num_steps,
                       "guidance_scale": pipe.resolve_guidance(guidance_scale)})
@@ -166,6 +172,7 @@ class Scorer:
     progress: bool = False
     warnings: list[str] = field(default_factory=list)
     real_features: Tensor | None = None  # (n, D) on ``extractor``, when the caller has them (the FID callback)
+    device: torch.device | str = "cpu"  # where the extractor runs
 
     def __post_init__(self):
         unknown = set(self.metrics) - set(METRICS)
@@ -175,12 +182,20 @@ class Scorer:
         if self.real is None:
             return
         self.extractor, warning = choose_extractor(self.extractor, self.real.dataset)
+        self.extractor = self.extractor.to(self.device)
         self.warnings += [warning] if warning else []
-        self.real_features = self._features(self.real.images)
-        self.other_features = None if self.real.other is None else self._features(self.real.other)
+        self.real_features = self._features_split(self.real.images)
+        self.other_features = None if self.real.other is None else self._features_split(self.real.other)
 
-    def _features(self, images: Tensor) -> Tensor:
-        return extract(self.extractor, images, self.batch_size)
+    def _features(self, images: Tensor, logits: bool = False) -> Tensor:
+        return extract(self.extractor, images, self.batch_size, logits=logits)
+
+    def _features_split(self, images: Tensor) -> Tensor:
+        """Features of images every process holds, each process extracting its share."""
+        if len(images) < all_ranks.world_size():
+            return self._features(images)
+        part = all_ranks.share(len(images))
+        return all_ranks.gather(self._features(images[part.start:part.stop]))
 
     def check(self, fake: Tensor) -> None:
         """Warn about samples that cannot be compared fairly with the real images."""
@@ -194,15 +209,21 @@ class Scorer:
 
     def score(self, sets: list[Tensor], correct: list[Tensor] | None = None) -> Scores:
         """The figures of each sample set (all of one size, paired by index: sample k of every set shares its seed
-        and condition). ``correct``: per sample, whether the judge saw the class asked for."""
+        and condition). ``correct``: per sample, whether the judge saw the class asked for. Across several
+        processes each passes its share of every set (``generate``'s) and all get the figures of the whole sets."""
         for fake in sets:
             self.check(fake)
-        return self.score_features([self._features(fake) for fake in sets], sets, correct)
+        features = [all_ranks.gather(self._features(fake)) for fake in sets]
+        logits = None
+        if "isc" in self.metrics and getattr(self.extractor, "has_logits", False):
+            logits = [all_ranks.gather(self._features(fake, logits=True)) for fake in sets]
+        correct = None if correct is None else [all_ranks.gather(c) for c in correct]
+        return self.score_features(features, logits, correct)
 
-    def score_features(self, features: list[Tensor], sets: list[Tensor] | None = None,
+    def score_features(self, features: list[Tensor], logits: list[Tensor] | None = None,
                        correct: list[Tensor] | None = None) -> Scores:
-        """``score`` on the sets' features (N, D) on ``extractor``; the images ``sets`` are needed for the
-        Inception score only."""
+        """``score`` on the sets' features (N, D) on ``extractor``; their class logits are needed for the Inception
+        score only."""
         real_stats = FeatureStatistics.of(self.real_features)
         results = [{"fid": frechet_distance_of(real_stats, FeatureStatistics.of(f))} for f in features]
         statistics = {"fid": fid_statistic(self.real_features, features)}
@@ -219,12 +240,11 @@ class Scorer:
                 found = wilson_interval(float(c.sum()), len(c), self.level)
                 result.update(class_accuracy=found.estimate, class_accuracy_interval=[found.low, found.high])
             statistics["class_accuracy"] = mean_statistic(correct)  # for paired differences
-        for result, f, fake in zip(results, features, sets or [None] * len(features), strict=True):
+        for result, f, set_logits in zip(results, features, logits or [None] * len(features), strict=True):
             if "prc" in self.metrics:
                 result["precision"], result["recall"] = precision_recall(self.real_features, f)
-            if "isc" in self.metrics and fake is not None and getattr(self.extractor, "has_logits", False):
-                result["inception_score"], result["inception_score_std"] = inception_score(
-                    extract(self.extractor, fake, self.batch_size, logits=True))
+            if "isc" in self.metrics and set_logits is not None:
+                result["inception_score"], result["inception_score_std"] = inception_score(set_logits)
         replicates = {}
         if self.bootstrap:
             replicates = bootstrap(statistics, len(self.real_features), len(features[0]), self.bootstrap, self.seed,

@@ -210,7 +210,8 @@ class Pipeline:
                  seed: int | Sequence[int] | None = None, generator=None, noise: Tensor | None = None,
                  init_image: ImageInput | None = None, strength: float | None = None, mask: ImageInput | None = None,
                  resample: int = 1, classifier: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 classifier_scale: float = 1.0, batch_size: int = 64, progress: bool = True) -> Tensor:
+                 classifier_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
+                 part: range | None = None) -> Tensor:
         """Samples (N, C, H, W) in [0, 1]: n for each label / prompt (or n of the conditioner's balanced examples
         when a conditional model is given none; ``unconditional=True`` asks for the null condition).
 
@@ -220,6 +221,8 @@ class Pipeline:
         (N, *image_shape), e.g. from ``invert``. ``init_image`` (+ ``strength``, default 0.8): image-to-image
         (SDEdit); with ``mask`` (1 = regenerate; ``strength`` default 1) RePaint inpainting. ``classifier``:
         ``classifier(x_t, t) -> logits`` for classifier guidance toward ``label`` with ``classifier_scale``.
+        ``part``: make only the samples whose index within their request is in it (one device's share of a job
+        split across devices, ``all_ranks.share(n)``), each with the seed and condition it has in the whole job.
         """
         if n is None and condition is None:  # as many as the given noise / images, per request
             given = noise if noise is not None else init_image if isinstance(init_image, Tensor) else None
@@ -228,6 +231,10 @@ class Pipeline:
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         cond, index, labels = self.conditions(n, label, prompt, condition, unconditional)
+        if part is not None:
+            if noise is not None or not isinstance(seed, int):
+                raise UsageError("part= takes the job's seed (an int), not noise= or a list of seeds")
+            cond, index, labels = _select(cond, index, labels, [p for p, k in enumerate(index) if k in part])
         count = len(index)
         if classifier is not None and labels is None:
             raise UsageError("classifier guidance needs the classes to guide toward: label=K (or a list)")
@@ -351,3 +358,11 @@ class Pipeline:
 def _as_list(value) -> list:
     """A label / prompt argument as a list (one request each)."""
     return [value] if isinstance(value, (int, str)) else list(value)
+
+
+def _select(cond: Condition | None, index: list[int], labels: Tensor | None,
+            rows: list[int]) -> tuple[Condition | None, list[int], Tensor | None]:
+    """The rows ``rows`` of ``conditions``' (condition, index, labels)."""
+    picked = torch.tensor(rows, dtype=torch.long)
+    return (None if cond is None else {key: value[picked.to(value.device)] for key, value in cond.items()},
+            [index[p] for p in rows], None if labels is None else labels[picked.to(labels.device)])

@@ -18,20 +18,22 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab import all_ranks, launch
 from difflab.cli.errors import hydra_main
 from difflab.cli.sample import chosen_sampler
 from difflab.data.images import image_files, load_images
 from difflab.errors import UsageError
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, judge_held_out, run_name
-from difflab.loading import load_model, resolve_device
+from difflab.loading import load_model
 
 DEFAULT_N = 1000  # generated images when n is not given (a checkpoint)
 SETTING_KEYS = ("ckpt", "sampler", "steps", "guidance_scale", "use_ema")
 
 
-def scorer(cfg: DictConfig, real: RealImages) -> Scorer:
+def scorer(cfg: DictConfig, real: RealImages, device) -> Scorer:
     return Scorer(instantiate(cfg.extractor), real, tuple(cfg.metrics), cfg.batch_size, cfg.kid_subsets,
-                  cfg.kid_subset_size, cfg.bootstrap, cfg.confidence, cfg.seed, cfg.progress)
+                  cfg.kid_subset_size, cfg.bootstrap, cfg.confidence, cfg.seed,
+                  cfg.progress and all_ranks.rank() == 0, device=device)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -39,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
         return compare(cfg)
     if (cfg.ckpt is None) == (cfg.samples is None):
         raise UsageError("give either ckpt=PATH (generate and evaluate) or samples=DIR (evaluate images)")
-    device = resolve_device(cfg.device)
+    device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
     model = load_model(cfg.ckpt, device, use_ema=cfg.use_ema, trust=cfg.get("trust")) if cfg.ckpt else None
     if model is not None:
         n = cfg.n or DEFAULT_N
@@ -65,10 +67,11 @@ def evaluate(cfg: DictConfig) -> dict:
         if len(folder.images) < n:
             raise UsageError(f"{cfg.samples} has {len(folder.images)} images, fewer than n={n}: lower n (FIDs are "
                              "only comparable at equal n)")
-        fake = folder.images
+        part = all_ranks.share(n)  # every process reads the folder and featurises its share
+        fake = folder.images[part.start:part.stop]
         result.update(samples=str(cfg.samples))
         result["notes"] += folder.notes(real.images.shape[-1])
-    scoring = scorer(cfg, real)
+    scoring = scorer(cfg, real, device)
     correct = None
     if labels is not None:
         judge, about = class_judge(cfg.classifier, real.dataset, model.pipeline().class_names, cfg.get("trust"))
@@ -80,7 +83,7 @@ def evaluate(cfg: DictConfig) -> dict:
             result["class_accuracy_real"] = judge_correct(judge, *judge_held_out(about, real)).mean().item()
     result.update(extractor=scoring.extractor.name, **scoring.score([fake], correct).sets[0], **scoring.floor())
     if cfg.get("clip_model") and model is not None and hasattr(model.conditioner, "example_prompts"):
-        result["clip_score"] = clip_score(cfg, model.conditioner.example_prompts, (fake + 1) / 2)
+        result["clip_score"] = clip_score(cfg, model.conditioner.example_prompts, (fake + 1) / 2, n)
     result.update(confidence=cfg.confidence, bootstrap=cfg.bootstrap, warnings=scoring.warnings)
     return result
 
@@ -96,19 +99,21 @@ def samples_folder() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-def clip_score(cfg: DictConfig, example_prompts: list[str], images) -> float:
-    """Mean CLIPScore of samples (in [0, 1]) against the prompts they were generated from (the conditioner's
-    examples, in the order ``examples(n)`` gives them)."""
+def clip_score(cfg: DictConfig, example_prompts: list[str], images, n: int) -> float:
+    """Mean CLIPScore of the n samples (in [0, 1]) against the prompts they were generated from (the conditioner's
+    examples, in the order ``examples(n)`` gives them); ``images``: this process's share of them."""
     import torch
 
     from difflab.conditioning.base import example_indices
     from difflab.metrics.clip_score import CLIPScore
 
     scorer_ = CLIPScore.from_pretrained(cfg.clip_model, local_files_only=bool(cfg.get("clip_local_files_only")))
-    prompts = [example_prompts[i % len(example_prompts)] for i in example_indices(len(images), len(example_prompts))]
+    part = all_ranks.share(n)
+    prompts = [example_prompts[i % len(example_prompts)] for i in example_indices(n, len(example_prompts))][
+        part.start:part.stop]
     scores = [scorer_(images[start:start + cfg.batch_size], prompts[start:start + cfg.batch_size])
               for start in range(0, len(images), cfg.batch_size)]
-    return torch.cat(scores).mean().item()
+    return all_ranks.gather(torch.cat(scores)).mean().item()
 
 
 def settings(cfg: DictConfig) -> list[dict]:
@@ -134,7 +139,7 @@ def settings(cfg: DictConfig) -> list[dict]:
 def compare(cfg: DictConfig) -> dict:
     """A and B generated with the same seeds and conditions, scored against the same real images: each figure,
     and B - A with its paired-bootstrap interval."""
-    device = resolve_device(cfg.device)
+    device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
     chosen = settings(cfg)
     models = {key: load_model(key[0], device, use_ema=key[1], trust=cfg.get("trust"))
               for key in dict.fromkeys((s["ckpt"], bool(s["use_ema"])) for s in chosen)}
@@ -153,7 +158,7 @@ def compare(cfg: DictConfig) -> dict:
     labels = [g.labels for g in generated]
     if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
         raise UsageError("compare needs the same conditions for A and B (models with the same classes)")
-    scoring = scorer(cfg, real)
+    scoring = scorer(cfg, real, device)
     correct, notes = None, []
     if labels[0] is not None:
         judge, note = class_judge(cfg.classifier, real.dataset, chosen_models[0].pipeline().class_names,
@@ -249,6 +254,8 @@ def default_out(cfg: DictConfig, result: dict) -> Path:
 @hydra_main("evaluate", unused=lambda cfg: () if cfg.get("samples") else ("data",))
 def main(cfg: DictConfig) -> None:
     result = evaluate(cfg)
+    if all_ranks.rank() != 0:  # every process holds the same figures; one reports them
+        return
     print(report(result))
     out = default_out(cfg, result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,18 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from difflab import all_ranks, launch
 from difflab.cli.errors import hydra_main
 from difflab.evaluation import RealImages, Scorer, class_judge, generate, judge_correct, run_name
-from difflab.loading import load_model, resolve_device
+from difflab.loading import load_model
 from difflab.plots import pareto_front, plot_quality_cost
 
 
 def sweep(cfg: DictConfig) -> tuple[list[dict], dict]:
     """(one row per (sampler, steps): nfe, seconds, fid, fid_interval, within_noise_of_best, pareto, and
     class_accuracy when a judge is at hand; the real-vs-real floor at this n)."""
-    model = load_model(cfg.ckpt, resolve_device(cfg.device), trust=cfg.get("trust"))
+    device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
+    model = load_model(cfg.ckpt, device, trust=cfg.get("trust"))
     real = RealImages.of(model.run_config["data"], cfg.n, cfg.seed, stored=True, trust=cfg.get("trust"))
     calls = []
     hook = model.network.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -35,14 +37,15 @@ def sweep(cfg: DictConfig) -> tuple[list[dict], dict]:
                 start = time.perf_counter()
                 generated = generate(model, cfg.n, sampler=name, steps=steps, guidance_scale=cfg.guidance_scale,
                                      seed=cfg.seed + 1, batch_size=cfg.batch_size, progress=cfg.progress)
-                batches = -(-cfg.n // cfg.batch_size)
+                batches = -(-len(all_ranks.share(cfg.n)) // cfg.batch_size)  # this process's
                 rows.append({"sampler": name, "steps": steps, "nfe": len(calls) / batches,
                              "seconds": time.perf_counter() - start, **generated.settings})
                 sets.append(generated)
     finally:
         hook.remove()
     scoring = Scorer(instantiate(cfg.extractor), real, ("fid",), cfg.batch_size, bootstrap=cfg.bootstrap,
-                     level=cfg.confidence, seed=cfg.seed, progress=cfg.progress)
+                     level=cfg.confidence, seed=cfg.seed, progress=cfg.progress and all_ranks.rank() == 0,
+                     device=device)
     judge, _ = class_judge(cfg.classifier, real.dataset, model.pipeline().class_names, cfg.get("trust")) \
         if sets[0].labels is not None else (None, None)
     correct = None if judge is None else [judge_correct(judge, g.images, g.labels) for g in sets]
@@ -76,6 +79,8 @@ def table(rows: list[dict], floor: dict) -> str:
 @hydra_main("nfe_sweep")
 def main(cfg: DictConfig) -> None:
     rows, floor = sweep(cfg)
+    if all_ranks.rank() != 0:  # every process holds the same rows; one writes them
+        return
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval" / f"nfe_sweep_n{cfg.n}"
     out.mkdir(parents=True, exist_ok=True)
     text = table(rows, floor)

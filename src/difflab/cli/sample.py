@@ -23,11 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
+from difflab import all_ranks, launch
 from difflab.cli.errors import hydra_main
 from difflab.conditioning.base import NoConditioning
 from difflab.diffusion.samplers import Sampler
 from difflab.errors import MissingFileError, UsageError
-from difflab.loading import load_classifier_network, load_model, resolve_device
+from difflab.loading import load_classifier_network, load_model
 from difflab.model import DiffusionModel
 from difflab.pipeline import Pipeline
 
@@ -72,7 +73,12 @@ def slug(text: str, max_len: int = 60) -> str:
 
 
 def sample(cfg: DictConfig) -> Path:
-    device = resolve_device(cfg.device)
+    if cfg.get("invert") and int(cfg.devices) * int(cfg.num_nodes) > 1:
+        raise UsageError("invert= regenerates one image: drop devices= / num_nodes= (it runs in one process)")
+    device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
+    if cfg.n < all_ranks.world_size():
+        raise UsageError(f"n={cfg.n} samples on {all_ranks.world_size()} processes: give n at least the number of "
+                         "devices")
     model = load_model(cfg.ckpt, device, use_ema=cfg.use_ema, lora=cfg.get("lora"), trust=cfg.get("trust"))
     pipe = model.pipeline()
     sampler, sampler_cfg = chosen_sampler(cfg, model)
@@ -94,16 +100,18 @@ def sample(cfg: DictConfig) -> Path:
     editing = {key: cfg.get(key) for key in ("init_image", "mask", "strength") if cfg.get(key) is not None}
     if cfg.get("mask"):
         editing["resample"] = int(cfg.get("resample", 1))
-    rows = []
+    rows, part, first = [], all_ranks.share(cfg.n), all_ranks.rank() == 0
     for stem, request in asked:  # seeds seed, seed + 1, ...: the same noise for every prompt
         images = pipe(cfg.n, **request, unconditional=bool(cfg.get("unconditional")),
                       guidance_scale=cfg.get("guidance_scale"), guidance_rescale=cfg.guidance_rescale,
                       sampler=sampler, seed=cfg.seed, classifier=classifier, classifier_scale=cfg.classifier_scale,
-                      batch_size=cfg.batch_size, progress=cfg.progress, **editing).float().cpu()
+                      batch_size=cfg.batch_size, progress=cfg.progress and first, part=part, **editing).float().cpu()
         names = [f"{stem}_{i:03d}_seed{cfg.seed + i}.png" if stem else f"{i:04d}_seed{cfg.seed + i}.png"
-                 for i in range(len(images))]
+                 for i in part]  # each process writes its own samples
         Pipeline.save(images, out, names)
-        rows.append(images)
+        rows.append(all_ranks.gather(images))
+    if not first:  # one process draws the grid and writes the settings
+        return out
     written = cfg.n * len(rows)
     nrow = cfg.n if len(rows) > 1 or editing else math.ceil(math.sqrt(cfg.n))
     if editing:  # a first row with the input (and the masked input, the region to regenerate in grey)
@@ -116,7 +124,7 @@ def sample(cfg: DictConfig) -> Path:
         rows.insert(0, padded_row([x[0] for x in shown], nrow))
     save_image(make_grid(torch.cat(rows), nrow=nrow, padding=2, pad_value=1.0), out / "grid.png")
     settings = {"ckpt": str(cfg.ckpt), "n": cfg.n, "seed": cfg.seed, "use_ema": cfg.use_ema,
-                "sampler": sampler_cfg, "device": str(device),
+                "sampler": sampler_cfg, "device": str(device), "processes": all_ranks.world_size(),
                 "prompts": [r["prompt"] for _, r in asked if "prompt" in r] or None,
                 "labels": [r["label"] for _, r in asked if "label" in r] or None,
                 "unconditional": bool(cfg.get("unconditional")),

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from difflab import all_ranks
 from difflab.data.draw import draw
 from difflab.data.draw import size as dataset_size
 from difflab.diffusion.samplers import Sampler
@@ -33,7 +34,8 @@ class FIDCallback(Periodic):
     (default: the module's) through the module's ``pipeline()`` and, for conditional models, the conditioner's
     balanced ``examples`` with the module's guidance scale. The real features are computed once and cached in
     ``cache_dir`` under a key of dataset (and its files), split, resolution, extractor and n. Under DDP every rank
-    samples its share with its own seed and the features are gathered on all ranks, which then log the same value.
+    samples its share (``all_ranks.share``: the samples of one process, by seed) and the features are gathered on
+    all ranks, which then log the same value.
     """
 
     def __init__(self, extractor: torch.nn.Module | AutoFeatures, every_n_steps: int = 1000, num_samples: int = 1000,
@@ -52,6 +54,9 @@ class FIDCallback(Periodic):
         return f"val/fid_{n // 1000}k" if n % 1000 == 0 else f"val/fid_{n}"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.num_samples < trainer.world_size:
+            raise UsageError(f"callbacks.fid.num_samples={self.num_samples} on {trainer.world_size} processes: give "
+                             "at least one sample per process")
         self.extractor, warning = choose_extractor(self.extractor, trainer.datamodule.train_set)
         if warning:
             rank_zero_warn(warning)
@@ -124,23 +129,20 @@ class FIDCallback(Periodic):
         return features
 
     def sample_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
-        """The samples' features (n, D) (all ranks' samples) and this rank's first 64 samples (in [0, 1])."""
-        world, rank = trainer.world_size, trainer.global_rank
-        share = -(-self.num_samples // world)  # every rank the same count: all_gather needs equal shapes
+        """The samples' features (n, D) (all ranks' samples) and this rank's first 64 samples (in [0, 1]): sample k
+        has the seed seed + 1 + k and the k-th balanced condition, whatever the number of ranks."""
+        part = all_ranks.share(self.num_samples)
         model = pl_module.diffusion_model()
         pipe = model.pipeline()
-        conditions = model.conditioner.examples(share * world, model.device)
+        conditions = model.conditioner.examples(self.num_samples, model.device)
         features, preview = [], None
         self.extractor.to(pl_module.device)
-        for start in range(0, share, self.batch_size):
-            count = min(self.batch_size, share - start)
-            first = rank * share + start  # sample k of the whole set has the seed seed + 1 + k on every rank layout
-            condition = {k: v[first:first + count] for k, v in conditions.items()} or None
+        for start in range(part.start, part.stop, self.batch_size):
+            count = min(self.batch_size, part.stop - start)
+            condition = {k: v[start:start + count] for k, v in conditions.items()} or None
             images = pipe(n=None if condition else count, condition=condition, sampler=self.sampler,
-                          seed=[self.seed + 1 + first + k for k in range(count)], batch_size=count,
+                          seed=[self.seed + 1 + start + k for k in range(count)], batch_size=count,
                           progress=False)
-            features.append(self.extractor(images * 2 - 1))  # the extractors take [-1, 1]
+            features.append(self.extractor(images * 2 - 1).float())  # the extractors take [-1, 1]
             preview = images[:64] if preview is None else preview
-        local = torch.cat(features)
-        gathered = pl_module.all_gather(local)  # (world, share, D) under DDP, (share, D) alone
-        return gathered.reshape(-1, local.shape[-1])[: self.num_samples].float().cpu(), preview
+        return all_ranks.gather(torch.cat(features)), preview
