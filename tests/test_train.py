@@ -15,7 +15,7 @@ from difflab.training import build, run
 
 GROUPS = ["data", "network", "schedule", "sampler", "prediction", "loss_weighting", "timestep_sampler", "loss",
           "finetune", "model", "optim", "lr_scheduler", "trainer", "logger", "callbacks", "conditioning",
-          "text_encoder", "precision"]
+          "text_encoder", "precision", "ema"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -81,6 +81,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     # set after instantiation: passed through instantiate, its _target_ nodes would be built too
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    if cfg.get("ema") is not None:  # ema=posthoc: a callback of its own group
+        callbacks.append(instantiate(cfg.ema))
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
