@@ -208,7 +208,14 @@ def test_compare_two_settings_with_paired_seeds(class_checkpoint, tmp_path):
     main.__wrapped__(eval_cfg(f"ckpt={class_checkpoint}", "n=10", "progress=false", "metrics=[fid]",
                               "compare=[{steps:2},{steps:3}]", f"out={json_path}"))
     assert json.loads(json_path.read_text())["b"]["steps"] == 3
-    with pytest.raises(ValueError, match="compare takes two settings"):
+    three = evaluate(eval_cfg(f"ckpt={class_checkpoint}", "n=10", "batch_size=10", "progress=false", "metrics=[fid]",
+                              "compare=[{steps:2},{steps:3},{steps:2}]"))
+    assert [s["steps"] for s in three["settings"]] == [2, 3, 2] and "a" not in three
+    assert three["differences_from_a"][1]["fid"]["estimate"] == 0  # C is A again
+    assert three["differences_from_a"][0]["fid"]["estimate"] == pytest.approx(
+        three["settings"][1]["fid"] - three["settings"][0]["fid"])
+    assert report(three).splitlines()[2].startswith("C: ") and "fid - A" in report(three)
+    with pytest.raises(ValueError, match="compare takes two settings or more"):
         evaluate(eval_cfg(f"ckpt={class_checkpoint}", "compare=[{steps:2}]"))
     with pytest.raises(ValueError, match="unknown compare keys \\['step'\\]"):
         evaluate(eval_cfg(f"ckpt={class_checkpoint}", "compare=[{step:2},{steps:2}]"))

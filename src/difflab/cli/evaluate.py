@@ -6,7 +6,8 @@ classifier for the data is at hand (MNIST's own, or ``classifier=PATH``).
 
 ``compare=[CKPT_A,CKPT_B]`` (or, with ``ckpt=``, two settings such as ``compare='[{steps:50},{sampler:dpmpp_2m,
 steps:20}]'``) generates both with the same seeds and conditions and reports B - A with its interval, "within noise"
-when the interval covers 0. Prints a table, writes JSON."""
+when the interval covers 0; three settings or more (e.g. the post-hoc EMA lengths of one run) report each one minus A.
+Prints a table, writes JSON."""
 
 from __future__ import annotations
 
@@ -117,11 +118,11 @@ def clip_score(cfg: DictConfig, example_prompts: list[str], images, n: int) -> f
 
 
 def settings(cfg: DictConfig) -> list[dict]:
-    """The two settings of ``compare``: each a checkpoint path or a dict of ckpt / sampler / steps / guidance_scale /
-    use_ema over the command line's."""
+    """The settings of ``compare`` (two or more): each a checkpoint path or a dict of ckpt / sampler / steps /
+    guidance_scale / use_ema over the command line's."""
     entries = list(cfg.compare)
-    if len(entries) != 2:
-        raise UsageError(f"compare takes two settings (A and B), got {len(entries)}")
+    if len(entries) < 2:
+        raise UsageError(f"compare takes two settings or more (A, B, ...), got {len(entries)}")
     out = []
     for entry in entries:
         entry = {"ckpt": entry} if isinstance(entry, str) else OmegaConf.to_container(entry)
@@ -137,16 +138,17 @@ def settings(cfg: DictConfig) -> list[dict]:
 
 
 def compare(cfg: DictConfig) -> dict:
-    """A and B generated with the same seeds and conditions, scored against the same real images: each figure,
-    and B - A with its paired-bootstrap interval."""
+    """A, B, ... generated with the same seeds and conditions, scored against the same real images: each figure,
+    and each setting's difference from A with its paired-bootstrap interval ("a", "b" and "difference" too when
+    there are two, as evaluate.py has always written them)."""
     device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
     chosen = settings(cfg)
     models = {key: load_model(key[0], device, use_ema=key[1], trust=cfg.get("trust"))
               for key in dict.fromkeys((s["ckpt"], bool(s["use_ema"])) for s in chosen)}
     chosen_models = [models[s["ckpt"], bool(s["use_ema"])] for s in chosen]
     data = [model.run_config["data"] for model in chosen_models]
-    if data[0] != data[1]:
-        raise UsageError("compare needs two models of the same data: their data configs differ")
+    if any(d != data[0] for d in data):
+        raise UsageError("compare needs models of the same data: their data configs differ")
     n = cfg.n or DEFAULT_N
     real = RealImages.of(data[0], n, cfg.seed, stored=True, trust=cfg.get("trust"))
     default_sampler = instantiate(cfg.sampler) if cfg.get("sampler") is not None else None
@@ -156,8 +158,9 @@ def compare(cfg: DictConfig) -> dict:
     for g, s in zip(generated, chosen, strict=True):
         g.settings["use_ema"] = s["use_ema"]
     labels = [g.labels for g in generated]
-    if (labels[0] is None) != (labels[1] is None) or labels[0] is not None and not labels[0].equal(labels[1]):
-        raise UsageError("compare needs the same conditions for A and B (models with the same classes)")
+    if any((other is None) != (labels[0] is None) or other is not None and not other.equal(labels[0])
+           for other in labels):
+        raise UsageError("compare needs the same conditions for every setting (models with the same classes)")
     scoring = scorer(cfg, real, device)
     correct, notes = None, []
     if labels[0] is not None:
@@ -170,11 +173,14 @@ def compare(cfg: DictConfig) -> dict:
     scores = scoring.score([g.images for g in generated], correct)
     for s, g, figures in zip(chosen, generated, scores.sets, strict=True):
         figures.update(ckpt=str(s["ckpt"]), **g.settings)
-    differences = {name: scores.difference(name, 0, 1).as_dict() for name in scores.replicates}
-    return {"n": n, "n_real": len(real.images), "seed": cfg.seed, "extractor": scoring.extractor.name,
-            "a": scores.sets[0], "b": scores.sets[1], "difference": differences, **scoring.floor(),
-            "confidence": cfg.confidence,
-            "bootstrap": cfg.bootstrap, "warnings": scoring.warnings, "notes": notes}
+    differences = [{name: scores.difference(name, 0, k).as_dict() for name in scores.replicates}
+                   for k in range(1, len(chosen))]
+    result = {"n": n, "n_real": len(real.images), "seed": cfg.seed, "extractor": scoring.extractor.name,
+              "settings": scores.sets, "differences_from_a": differences, **scoring.floor(),
+              "confidence": cfg.confidence, "bootstrap": cfg.bootstrap, "warnings": scoring.warnings, "notes": notes}
+    if len(chosen) == 2:
+        result.update(a=scores.sets[0], b=scores.sets[1], difference=differences[0])
+    return result
 
 
 def _with_interval(result: dict, key: str, digits: int) -> str:
@@ -187,7 +193,7 @@ def _with_interval(result: dict, key: str, digits: int) -> str:
 
 def report(result: dict) -> str:
     """The table evaluate.py prints."""
-    if "difference" in result:
+    if "settings" in result:
         return report_comparison(result)
     level = f"{result['confidence']:.0%} intervals" if result.get("bootstrap") else "no intervals"
     rows = [(f"FID ({result['extractor']}, n={result['n']}; {level})", _with_interval(result, "fid", 4))]
@@ -214,27 +220,45 @@ def report(result: dict) -> str:
                      [f"warning: {w}" for w in result.get("warnings", [])])
 
 
+def _describe(s: dict) -> str:
+    return (f"{run_name(s['ckpt'])}, {s['sampler']} {s['steps']} steps, w={s['guidance_scale']:g}"
+            + ("" if s.get("use_ema", True) else ", raw weights"))
+
+
+def _change(diff: dict | None, a: float, b: float, digits: int) -> tuple[str, str]:
+    """(B - A with its interval, the verdict) of a paired difference."""
+    if diff is None:
+        return f"{b - a:+.{digits}f}", ""
+    change = f"{diff['estimate']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+    verdict = "within noise" if diff["low"] <= 0 <= diff["high"] else ("B higher" if diff["low"] > 0 else "B lower")
+    return change, verdict
+
+
 def report_comparison(result: dict) -> str:
-    """A and B side by side with B - A, its interval and whether it is within noise."""
-    a, b = result["a"], result["b"]
-    describe = (lambda s: f"{run_name(s['ckpt'])}, {s['sampler']} {s['steps']} steps, w={s['guidance_scale']:g}"
-                + ("" if s.get("use_ema", True) else ", raw weights"))
-    lines = [f"A: {describe(a)}", f"B: {describe(b)}",
-             f"{result['extractor']} features, n={result['n']}, paired seeds; "
-             f"{result['confidence']:.0%} bootstrap intervals ({result['bootstrap']} resamples)"]
-    rows = [("", "A", "B", "B - A", "")]
-    for key, digits in (("fid", 4), ("kid", 5), ("class_accuracy", 3)):
-        if key not in a:
-            continue
-        diff = result["difference"].get(key)
-        if diff is None:
-            change, verdict = f"{b[key] - a[key]:+.{digits}f}", ""
-        else:
-            change = f"{diff['estimate']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
-            verdict = "within noise" if diff["low"] <= 0 <= diff["high"] else ("B higher" if diff["low"] > 0
-                                                                                else "B lower")
-        rows.append((key, _with_interval(a, key, digits), _with_interval(b, key, digits), change, verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    """Two settings: A and B side by side with B - A, its interval and whether it is within noise; more: one row
+    per setting with its figures and its difference from A."""
+    sets = result["settings"]
+    letters = [chr(ord("A") + k) if k < 26 else f"#{k}" for k in range(len(sets))]
+    lines = [f"{letter}: {_describe(s)}" for letter, s in zip(letters, sets, strict=True)]
+    lines.append(f"{result['extractor']} features, n={result['n']}, paired seeds; "
+                 f"{result['confidence']:.0%} bootstrap intervals ({result['bootstrap']} resamples)")
+    keys = [(key, digits) for key, digits in (("fid", 4), ("kid", 5), ("class_accuracy", 3)) if key in sets[0]]
+    if len(sets) == 2:
+        a, b = sets
+        rows = [("", "A", "B", "B - A", "")]
+        for key, digits in keys:
+            change, verdict = _change(result["differences_from_a"][0].get(key), a[key], b[key], digits)
+            rows.append((key, _with_interval(a, key, digits), _with_interval(b, key, digits), change, verdict))
+    else:
+        rows = [("", *(cell for key, _ in keys for cell in (key, f"{key} - A", "")))]
+        for k, (letter, s) in enumerate(zip(letters, sets, strict=True)):
+            cells = []
+            for key, digits in keys:
+                change, verdict = ("", "") if k == 0 else _change(result["differences_from_a"][k - 1].get(key),
+                                                                  sets[0][key], s[key], digits)
+                cells += [_with_interval(s, key, digits), change, verdict.replace("B ", f"{letter} ")]
+            rows.append((letter, *cells))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines + [f"note: {n}" for n in result.get("notes", [])] +
                      [f"warning: {w}" for w in result.get("warnings", [])])
@@ -244,8 +268,8 @@ def default_out(cfg: DictConfig, result: dict) -> Path:
     """``out`` or, beside the run: <run dir>/eval/fid_n<n>.json (compare_n<n>.json); <samples>/fid_n<n>.json."""
     if cfg.out:
         return Path(cfg.out)
-    if "difference" in result:
-        return Path(result["a"]["ckpt"]).resolve().parent.parent / "eval" / f"compare_n{result['n']}.json"
+    if "settings" in result:
+        return Path(result["settings"][0]["ckpt"]).resolve().parent.parent / "eval" / f"compare_n{result['n']}.json"
     if cfg.ckpt:
         return Path(cfg.ckpt).resolve().parent.parent / "eval" / f"fid_n{result['n']}.json"
     return Path(cfg.samples) / f"fid_n{result['n']}.json"
