@@ -58,6 +58,8 @@ def store_architectures(checkpoint: dict, model: DiffusionModel) -> None:
 
 def upgrade_checkpoint(checkpoint: dict) -> None:
     """A DiffusionModule checkpoint of an earlier layout in today's, in place (for resuming and for reading)."""
+    if "state_dict" not in checkpoint:  # trainer=fsdp: the strategy loaded the weights itself (all of layout 2)
+        return
     checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
     checkpoint[LAYOUT] = 2
 
@@ -173,6 +175,10 @@ def locate(source: str | Path) -> Path:
             raise UsageError(f"{text} is not a Hub repository: write hf://owner/name")
         return download(repo_id)
     path = Path(text).expanduser()
+    if path.is_dir() and any(path.glob("*.distcp")):
+        raise UsageError(f"{path} is a sharded checkpoint (trainer=fsdp with sharded_checkpoints=true), which only "
+                         "resumes training (its index is a pickle): trainer.strategy.sharded_checkpoints=false writes "
+                         "the single files that sampling, evaluation and export read")
     if path.exists():
         return path
     if (isinstance(source, str) and HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists()

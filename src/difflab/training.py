@@ -86,13 +86,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a progress bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
-    if str(cfg.trainer.get("strategy", "")).startswith("fsdp"):
-        raise UsageError("trainer.strategy=fsdp is not supported: difflab's EMA copy and FSDP's sharded parameters "
-                         "are untested together; use trainer.strategy=ddp")
+    if str(cfg.trainer.get("strategy", "")).startswith("fsdp"):  # Lightning's FSDP1 names: its EMA is not sharded
+        raise UsageError(f"trainer.strategy={cfg.trainer.strategy} is Lightning's FSDP1, which difflab's EMA copy does "
+                         "not work with: use trainer=fsdp (FSDP2, the EMA sharded like the weights)")
     # every checkpoint written atomically, never with non-finite weights, held while NaN steps are being skipped;
     # under SLURM, requeue is LastCheckpoint's (last.ckpt at a step's end), not Lightning's hpc_ckpt (slurm.py);
     # DDP whose ranks all stop when rank zero's checkpoint write fails
-    extra = {"strategy": strategy_from_name(cfg.trainer.strategy)} if "strategy" in cfg.trainer else {}
+    extra = {"strategy": strategy_from_name(cfg.trainer.strategy)} \
+        if isinstance(cfg.trainer.get("strategy"), str) else {}  # a node (trainer=fsdp) is built with the trainer
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           plugins=[SafeCheckpointIO(), *slurm.cluster_plugins()], **extra)
     return model, datamodule, trainer
@@ -118,6 +119,11 @@ def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
         return str(newest)
     if cfg.ckpt_path is not None and not os.path.exists(cfg.ckpt_path):
         raise MissingFileError(f"checkpoint to resume from not found: {cfg.ckpt_path}")
+    if cfg.ckpt_path is not None and os.path.isdir(cfg.ckpt_path):
+        # a sharded checkpoint's index is a pickle (torch.distributed.checkpoint): only this run's own are read,
+        # by ckpt_path=auto
+        raise UsageError(f"ckpt_path={cfg.ckpt_path} is a folder (a sharded checkpoint): its index is unpickled, "
+                         "so only a run's own are resumed, with ckpt_path=auto in that run's directory")
     return cfg.ckpt_path
 
 

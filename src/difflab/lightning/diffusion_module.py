@@ -158,6 +158,13 @@ class DiffusionModule(DifflabModule):
             ema_buffer.copy_(buffer)
         self.ema_updates += 1
 
+    def configure_model(self) -> None:
+        mesh = getattr(self, "_device_mesh", None)  # set by trainer=fsdp (Lightning's ModelParallelStrategy) only
+        if mesh is not None:
+            from difflab.lightning.fsdp import shard
+
+            shard(self, mesh)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         prepare = getattr(self.trainer.datamodule, "prepare_class_images", None)
