@@ -253,6 +253,23 @@ def ema_network_weights(path: str | Path, trust: Sequence[str] = ()) -> dict[str
     return weights
 
 
+def replace_ema_weights(checkpoint: dict, weights: dict[str, torch.Tensor], source: str, path: Path) -> None:
+    """A checkpoint of ``read_checkpoint`` with its EMA network's weights (by the network's names) replaced in
+    place, each cast to the stored dtype; names and shapes must be the stored ones."""
+    state = upgrade_state_dict(checkpoint["state_dict"])
+    stored = {key.removeprefix("ema."): key for key in state if key.startswith("ema.")}
+    if set(stored) != set(weights):
+        missing, extra = sorted(set(stored) - set(weights)), sorted(set(weights) - set(stored))
+        raise UsageError(f"{source} does not fit {path}'s EMA network (missing {missing[:3]}, unknown {extra[:3]}): "
+                         "give the run's own checkpoint")
+    for name, key in stored.items():
+        if tuple(state[key].shape) != tuple(weights[name].shape):
+            raise UsageError(f"{name}: shape {tuple(weights[name].shape)} in {source}, {tuple(state[key].shape)} "
+                             f"in {path}")
+        state[key] = weights[name].to(state[key].dtype)
+    checkpoint["state_dict"] = state
+
+
 def autoencoder_of(path: str | Path, trust: Sequence[str] = ()) -> tuple[dict, dict[str, torch.Tensor], float]:
     """(the autoencoder's config node, its weights, the latent scale its training estimated) of a
     ``python train.py model=autoencoder`` checkpoint."""

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from difflab.ema.snapshots import Reconstruction, reconstruct
-from difflab.errors import UsageError
 from difflab.files import atomic_write
-from difflab.loading import read_checkpoint, upgrade_state_dict
+from difflab.loading import read_checkpoint, replace_ema_weights
 
 POSTHOC_KEY = "difflab_posthoc_ema"  # what the checkpoint's EMA is: sigma_rel, step, fit error
 
@@ -19,23 +18,12 @@ def write_reconstructed(run_dir: str | Path, sigma_rel: float, step: int | None 
                         base: str | Path | None = None, out: str | Path | None = None,
                         trust=()) -> tuple[Path, Reconstruction]:
     """``run_dir/checkpoints/posthoc_sigma<s>_step<t>.ckpt`` (or ``out``): ``base`` (default the run's last.ckpt)
-    with its EMA weights replaced by the reconstruction from ``run_dir/posthoc_ema``."""
+    with its EMA weights replaced by the reconstruction from ``run_dir/posthoc_ema`` (base=: give the run's own)."""
     run_dir = Path(run_dir).expanduser()
     found = reconstruct(run_dir / "posthoc_ema", sigma_rel, step)
     base = Path(base) if base else run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = read_checkpoint(base)
-    state = upgrade_state_dict(checkpoint["state_dict"])
-    ema = {key.removeprefix("ema."): key for key in state if key.startswith("ema.")}
-    if set(ema) != set(found.weights):
-        missing, extra = sorted(set(ema) - set(found.weights)), sorted(set(found.weights) - set(ema))
-        raise UsageError(f"the snapshots do not fit {base}'s EMA network (missing {missing[:3]}, unknown "
-                         f"{extra[:3]}): give the run's own checkpoint (base=)")
-    for name, key in ema.items():
-        if tuple(state[key].shape) != tuple(found.weights[name].shape):
-            raise UsageError(f"{name}: shape {tuple(found.weights[name].shape)} in the snapshots, "
-                             f"{tuple(state[key].shape)} in {base}")
-        state[key] = found.weights[name].to(state[key].dtype)
-    checkpoint["state_dict"] = state
+    checkpoint = read_checkpoint(base, trust)
+    replace_ema_weights(checkpoint, found.weights, "the post-hoc EMA snapshots", base)
     checkpoint[POSTHOC_KEY] = {"sigma_rel": found.sigma_rel, "step": found.step, "fit_error": found.fit_error,
                                "snapshots": found.snapshots}
     out = Path(out) if out else run_dir / "checkpoints" / f"posthoc_sigma{found.sigma_rel:.3f}_step{found.step}.ckpt"
