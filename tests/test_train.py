@@ -31,6 +31,16 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         overrides += [f"data.root={tmp_path / 'images'}", "data.batch_size=4", "data.num_workers=0"]  # auto: 3, 1
     if group == "network" and option == "ldm":
         overrides += ["data.image_size=8"]
+    if group == "data" and option == "huggingface":  # a dataset written here, as save_to_disk writes one
+        datasets = pytest.importorskip("datasets")
+        from PIL import Image
+
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+        images = [Image.new("RGB", (10, 10), (i * 20, 0, 0)) for i in range(10)]
+        datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(10)]},
+                                   features=features).save_to_disk(str(tmp_path / "hf"))
+        overrides += [f"data.path={tmp_path / 'hf'}", "data.label_column=label", "data.batch_size=4",
+                      "data.num_workers=0"]
     if group == "data" and option == "gmm":  # unlabelled
         overrides += ["conditioning=none"]
     if group == "data" and option == "webdataset":

@@ -44,6 +44,7 @@ MODEL_PARTS = frozenset({
 DATA = frozenset({
     "difflab.data.ImageCaptionDataModule", "difflab.data.DreamBoothDataModule", "difflab.data.shards.WebDataModule",
     "difflab.data.mnist", "difflab.data.digits", "difflab.data.ImageFolder", "difflab.data.gmm.gmm",
+    "difflab.data.hub.HubDataModule", "difflab.data.hub.HubImages",
 })
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 

@@ -109,7 +109,12 @@ def is_grayscale_file(path: Path) -> bool:
 def resolve_folder_config(data) -> None:
     """Fill an image-folder data config in place: ``channels: auto`` from the images, ``num_classes: auto`` from the
     class subfolders (null for a captioned folder), ``class_names: null`` with their names. Explicit values win;
-    configs without a ``root`` (the embedded datasets, shards) are left as they are."""
+    configs without a ``root`` (the embedded datasets, shards) are left as they are; a Hugging Face dataset's
+    (``path``) from its label column."""
+    if "path" in data and "dataset" in data:
+        from difflab.data.hub import resolve_hub_config
+
+        return resolve_hub_config(data)
     if "root" not in data:
         return
     if AUTO not in (data.get("channels"), data.get("num_classes")) and data.get("class_names", ()) is not None:
