@@ -109,6 +109,19 @@ def test_the_cli_writes_a_checkpoint_that_samples(posthoc_run, tmp_path):
     assert f"step={STEPS + 1}: the snapshots in" in bad.stderr and f"cover steps {EVERY}..{STEPS}" in bad.stderr
 
 
+def test_a_snapshot_of_other_sizes_is_refused_from_its_header(posthoc_run, tmp_path):
+    from difflab.ema.checkpoint import write_reconstructed
+    from difflab.ema.snapshots import write_snapshot
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes((posthoc_run / "checkpoints" / "last.ckpt").read_bytes())
+    name = next(iter(profile(posthoc_run / "direct" / f"step_{STEPS:09d}.safetensors", 0)))
+    write_snapshot(run_dir / "posthoc_ema", 5, [gamma_of(0.05)], [{name: torch.zeros(4096, 4096)}], {})
+    with pytest.raises(UsageError, match=f"{name} has shape \\(4096, 4096\\), the run's network"):
+        write_reconstructed(run_dir, 0.07)
+
+
 def test_a_bad_snapshot_file_is_named(posthoc_run, tmp_path):
     folder = tmp_path / "posthoc_ema"
     folder.mkdir()

@@ -253,6 +253,12 @@ def ema_network_weights(path: str | Path, trust: Sequence[str] = ()) -> dict[str
     return weights
 
 
+def ema_shapes(checkpoint: dict) -> dict[str, tuple[int, ...]]:
+    """The EMA network's parameter and buffer shapes of a ``read_checkpoint`` checkpoint, by the network's names."""
+    return {key.removeprefix("ema."): tuple(value.shape)
+            for key, value in upgrade_state_dict(checkpoint["state_dict"]).items() if key.startswith("ema.")}
+
+
 def replace_ema_weights(checkpoint: dict, weights: dict[str, torch.Tensor], source: str, path: Path) -> None:
     """A checkpoint of ``read_checkpoint`` with its EMA network's weights (by the network's names) replaced in
     place, each cast to the stored dtype; names and shapes must be the stored ones."""

@@ -9,7 +9,7 @@ import torch
 
 from difflab.ema.snapshots import Reconstruction, reconstruct
 from difflab.files import atomic_write
-from difflab.loading import read_checkpoint, replace_ema_weights
+from difflab.loading import ema_shapes, read_checkpoint, replace_ema_weights
 
 POSTHOC_KEY = "difflab_posthoc_ema"  # what the checkpoint's EMA is: sigma_rel, step, fit error
 
@@ -20,9 +20,9 @@ def write_reconstructed(run_dir: str | Path, sigma_rel: float, step: int | None 
     """``run_dir/checkpoints/posthoc_sigma<s>_step<t>.ckpt`` (or ``out``): ``base`` (default the run's last.ckpt)
     with its EMA weights replaced by the reconstruction from ``run_dir/posthoc_ema`` (base=: give the run's own)."""
     run_dir = Path(run_dir).expanduser()
-    found = reconstruct(run_dir / "posthoc_ema", sigma_rel, step)
     base = Path(base) if base else run_dir / "checkpoints" / "last.ckpt"
     checkpoint = read_checkpoint(base, trust)
+    found = reconstruct(run_dir / "posthoc_ema", sigma_rel, step, ema_shapes(checkpoint))
     replace_ema_weights(checkpoint, found.weights, "the post-hoc EMA snapshots", base)
     checkpoint[POSTHOC_KEY] = {"sigma_rel": found.sigma_rel, "step": found.step, "fit_error": found.fit_error,
                                "snapshots": found.snapshots}

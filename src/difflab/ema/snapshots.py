@@ -85,9 +85,11 @@ class Reconstruction:
     snapshots: int
 
 
-def reconstruct(folder: Path, sigma_rel: float, step: int | None = None) -> Reconstruction:
+def reconstruct(folder: Path, sigma_rel: float, step: int | None = None,
+                expected: dict[str, tuple[int, ...]] | None = None) -> Reconstruction:
     """The EMA of length ``sigma_rel`` at ``step`` (default: the last snapshot's) as the least-squares combination
-    of the folder's snapshots up to ``step``, summed in float64 one file at a time."""
+    of the folder's snapshots up to ``step``, summed in float64 one file at a time. ``expected``: the network's
+    parameter shapes, checked in each file's header before a tensor is read (a file of other sizes reads nothing)."""
     from safetensors import safe_open
 
     try:
@@ -110,8 +112,14 @@ def reconstruct(folder: Path, sigma_rel: float, step: int | None = None) -> Reco
             names = {key.split(".", 1)[1] for key in f.keys() if key.startswith("profile0.")}
             if shapes and names != set(shapes):
                 raise UsageError(f"{snapshot.path} holds other parameters than {used[0].path}: snapshots of two runs")
+            if expected is not None and not names <= set(expected):
+                raise UsageError(f"{snapshot.path} holds other parameters than the run's network")
             for k in range(len(snapshot.gammas)):
                 for name in names:
+                    shape = tuple(f.get_slice(f"profile{k}.{name}").get_shape())
+                    if expected is not None and shape != tuple(expected[name]):
+                        raise UsageError(f"{snapshot.path}: {name} has shape {shape}, the run's network "
+                                         f"{tuple(expected[name])}")
                     value = f.get_tensor(f"profile{k}.{name}")
                     if shapes.setdefault(name, tuple(value.shape)) != tuple(value.shape):
                         raise UsageError(f"{snapshot.path}: {name} has shape {tuple(value.shape)}, "
