@@ -253,8 +253,17 @@ def scorers(n: int) -> dict[str, Scorer]:
 # ---- the bench ------------------------------------------------------------------------------------------------
 
 
+def contended(result: dict) -> bool:
+    """Whether a run shared its machine: another process on its core (CPU time short of wall time) or busy on the
+    other cores (the load average above the run's own threads). Pinning to a core does not isolate a run: on this
+    2-core machine, tests on the other core cost a pinned run up to 40 % of its steps (shared caches and memory)."""
+    busy = max(result["loadavg_before"][0], result["loadavg_after"][0]) > result["threads"] + 0.5
+    return busy or result["cpu_s"] < 0.98 * result["wall_s"]
+
+
 def run_cells(cells: list[Cell], seeds: int, budget_min: float, n: int, out: Path) -> None:
-    """Train and score every (cell, seed) not yet in ``out``, interleaved: all cells at seed 0, then at seed 1..."""
+    """Train and score every (cell, seed) not yet in ``out``, interleaved: all cells at seed 0, then at seed 1...;
+    a run that was ``contended`` is run again (its file overwritten)."""
     out.mkdir(parents=True, exist_ok=True)
     real = RealImages.of(difflab.compose().data, n)
     images = torch.stack([real.dataset[i]["image"] for i in range(len(real.dataset))])
@@ -262,7 +271,7 @@ def run_cells(cells: list[Cell], seeds: int, budget_min: float, n: int, out: Pat
     for seed in range(seeds):
         for cell in cells:
             name = cell.name(seed, budget_min)
-            if (out / f"{name}.json").is_file():
+            if (out / f"{name}.json").is_file() and not contended(json.loads((out / f"{name}.json").read_text())):
                 continue
             if cell.recipe == "lucidrains":
                 try:
@@ -276,6 +285,7 @@ def run_cells(cells: list[Cell], seeds: int, budget_min: float, n: int, out: Pat
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             scoring = scoring or scorers(n)
             result = {**score_run(run, scoring, n, out), "cell": cell.__dict__, "seed": seed,
+                      "loadavg_during": os.getloadavg(),  # at the end of training, before scoring
                       "budget_min": budget_min, "wall_s": wall, "n": n, "threads": torch.get_num_threads(),
                       "cpu_s": cpu,
                       "cpus": sorted(os.sched_getaffinity(0)), "loadavg_before": load_before,
@@ -288,7 +298,9 @@ def run_cells(cells: list[Cell], seeds: int, budget_min: float, n: int, out: Pat
 
 
 def results(out: Path, budget_min: float) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob(f"*-{budget_min:g}min.json"))]
+    """The runs of this budget that had their core to themselves (contended ones are rerun, not reported)."""
+    found = [json.loads(p.read_text()) for p in sorted(out.glob(f"*-{budget_min:g}min.json"))]
+    return [r for r in found if not contended(r)]
 
 
 def best(figures: dict, metric: str) -> float:
