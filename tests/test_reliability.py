@@ -219,8 +219,9 @@ def test_a_copied_run_directory_resumed_twice_keeps_one_last_checkpoint_at_the_f
     assert state["global_step"] == 8 and int(state["state_dict"]["ema_updates"]) == 8
 
 
-def test_fsdp_is_refused_until_it_is_tested(tmp_path):
-    with pytest.raises(ValueError, match="trainer.strategy=fsdp is not supported"):
+def test_lightnings_fsdp1_names_are_refused_for_trainer_fsdp(tmp_path):
+    """FSDP1 shards the EMA copy as one flat parameter with the network's: trainer=fsdp (FSDP2) is the way."""
+    with pytest.raises(ValueError, match="trainer.strategy=fsdp is Lightning's FSDP1, .* use trainer=fsdp"):
         build(make_cfg(tmp_path, "+trainer.strategy=fsdp"))
 
 

@@ -51,7 +51,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
 
         overrides += [f"data.instance_root={write_images(tmp_path / 'subject', 3)}", "data.instance_prompt=a sks cat",
                       "conditioning=text", "data.image_size=16", "data.batch_size=2", "data.num_workers=0"]
-    if group == "trainer" and option in ("gpu", "ddp", "multinode"):
+    if group == "trainer" and option in ("gpu", "ddp", "multinode", "fsdp"):
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1",
                       "trainer.num_nodes=1"]
     if group == "precision" and option == "16-mixed":  # float16 autocast is GPU-only: check the composed value
