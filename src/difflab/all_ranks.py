@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.errors import RunStopped
+from difflab.errors import RunStopped, UsageError
 
 
 def world_size() -> int:
@@ -32,6 +32,12 @@ def share(n: int, world: int | None = None, me: int | None = None) -> range:
     world = world_size() if world is None else world
     me = rank() if me is None else me
     return range(me * n // world, (me + 1) * n // world)
+
+
+def check_enough(n: int) -> None:
+    """Refuse a job of fewer items than processes (a process with no share would have nothing to gather)."""
+    if n < world_size():
+        raise UsageError(f"n={n} samples on {world_size()} processes: give n at least the number of devices")
 
 
 def gather(local: torch.Tensor) -> torch.Tensor:

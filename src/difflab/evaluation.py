@@ -92,9 +92,7 @@ def generate(model: DiffusionModel, n: int, *, sampler=None, steps: int | None =
     """n samples of a trained model under its conditioner's balanced examples (every class or prompt equally
     often); sample k has seed ``seed + k`` whatever the settings, so two settings are paired sample by sample.
     Across several processes each makes its ``all_ranks.share(n)`` of them, and gets only those."""
-    if n < all_ranks.world_size():
-        raise UsageError(f"n={n} samples on {all_ranks.world_size()} processes: give n at least the number of "
-                         "devices")
+    all_ranks.check_enough(n)
     pipe = model.pipeline()
     sampler = pipe.resolve_sampler(sampler, steps)
     conditions = model.conditioner.examples(n, model.device)

@@ -76,9 +76,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.get("invert") and int(cfg.devices) * int(cfg.num_nodes) > 1:
         raise UsageError("invert= regenerates one image: drop devices= / num_nodes= (it runs in one process)")
     device = launch.start(cfg.device, cfg.devices, cfg.num_nodes)
-    if cfg.n < all_ranks.world_size():
-        raise UsageError(f"n={cfg.n} samples on {all_ranks.world_size()} processes: give n at least the number of "
-                         "devices")
+    all_ranks.check_enough(cfg.n)
     model = load_model(cfg.ckpt, device, use_ema=cfg.use_ema, lora=cfg.get("lora"), trust=cfg.get("trust"))
     pipe = model.pipeline()
     sampler, sampler_cfg = chosen_sampler(cfg, model)
